@@ -1,0 +1,15 @@
+"""cca_jax: Constructive Circuit Amplification in JAX."""
+
+from cca_jax.config import ModelConfig
+from cca_jax.errors import CCAError
+from cca_jax.load import export_hf, load_model, restore_checkpoint, save_checkpoint
+from cca_jax.model import ForwardOutput, Intervention, KVCache, Transformer, forward, init_cache, init_params
+from cca_jax.weights.sharding import make_mesh, shard_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CCAError", "ForwardOutput", "Intervention", "KVCache", "ModelConfig", "Transformer",
+    "export_hf", "forward", "init_cache", "init_params", "load_model", "make_mesh",
+    "restore_checkpoint", "save_checkpoint", "shard_params",
+]

@@ -1,0 +1,140 @@
+"""``load_model`` and ``export_hf``: the doors in and out of the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from cca_jax import config as config_lib
+from cca_jax.config import ModelConfig
+from cca_jax.errors import CCAError
+from cca_jax.model.transformer import Transformer
+from cca_jax.weights import assemble as assemble_lib
+from cca_jax.weights import gguf as gguf_lib
+from cca_jax.weights import hf as hf_lib
+from cca_jax.weights import sharding as sharding_lib
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are "owner/name"; anything else that does not exist is a missing path."""
+    return source.endswith(".gguf") or not _HUB_ID.match(source)
+
+
+def _placer(mesh):
+    if mesh is None:
+        return None
+
+    def put(path, x):
+        spec = sharding_lib.spec_for(path, x.shape, mesh)
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return put
+
+
+def load_model(
+    source: str | os.PathLike,
+    dtype: Any = "float32",
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[Transformer, Any]:
+    """Load a model and its tokenizer.
+
+    source: a local Hugging Face directory (safetensors, single or sharded), a hub id
+        ("google/gemma-2-2b-it", downloaded when online), a ``.gguf`` file, or a model
+        YAML of ``configs/models`` (random weights of that architecture: benchmarks).
+    dtype: parameter dtype, "float32" | "bfloat16" | "float16".
+    mesh: place each parameter sharded over this (fsdp, tp) mesh as it is read.
+    Returns (model, tokenizer); tokenizer is None when the source has none.
+    """
+    dt = config_lib.parse_dtype(dtype)
+    src = str(source)
+    path = Path(os.path.expanduser(src))
+    if not path.exists():
+        if _looks_like_path(src):
+            raise CCAError(f"no such file or directory: {src}")
+        path = hf_lib.download(src, revision=revision)
+    put = _placer(mesh)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        from cca_jax import model_yaml
+
+        cfg, seed = model_yaml.read(path)
+        model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dt)
+        if mesh is not None:
+            model = model.with_params(sharding_lib.shard_params(model.params(), mesh))
+        return model, None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CCAError(f"{path}: not a model: pass a Hugging Face directory, a hub id or a .gguf file")
+        reader = gguf_lib._reader(path)
+        hf_cfg, arch = gguf_lib.hf_config(reader, path)
+        cfg = config_lib.from_hf(hf_cfg)
+        params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
+        tok = gguf_lib.load_tokenizer(path) if with_tokenizer else None
+    else:
+        cfg, _ = hf_lib.read_config(path)
+        files = hf_lib.weight_files(path)
+        params = assemble_lib.assemble(cfg, hf_lib.iter_tensors(files), dt, str(path), put)
+        tok = hf_lib.load_tokenizer(path) if with_tokenizer else None
+    return Transformer(cfg, rngs=nnx.Rngs(0), params=params), tok
+
+
+def export_hf(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    dtype: Any = None,
+    tokenizer: Any = None,
+    max_shard_size: int = 2 * 1024**3,
+) -> Path:
+    """Write ``model`` as a Hugging Face directory that transformers loads.
+
+    dtype: of the written tensors (default: the model's). Shards above ``max_shard_size``
+    bytes, with an index. Tied embeddings stay tied (no lm_head tensor is written).
+    """
+    dt = config_lib.parse_dtype(dtype if dtype is not None else model.dtype)
+    return hf_lib.write(model.config, model.params(), out_dir, dt, tokenizer, max_shard_size)
+
+
+def save_checkpoint(model: Transformer, directory: str | os.PathLike) -> Path:
+    """Save config (JSON) and parameters (orbax) to ``directory``."""
+    import orbax.checkpoint as ocp
+
+    d = Path(directory).absolute()
+    d.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(d / "params", model.params(), force=True)
+    ckpt.wait_until_finished()
+    tmp = d / "model_config.json.tmp"
+    tmp.write_text(json.dumps(model.config.to_dict(), indent=2))
+    os.replace(tmp, d / "model_config.json")
+    return d
+
+
+def restore_checkpoint(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """Rebuild a model saved by ``save_checkpoint`` (sharded over ``mesh`` if given)."""
+    import orbax.checkpoint as ocp
+
+    d = Path(directory).absolute()
+    cfg_path = d / "model_config.json"
+    if not cfg_path.exists():
+        raise CCAError(f"{d}: no model_config.json: not a cca_jax checkpoint")
+    cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
+    meta = ocp.StandardCheckpointer().metadata(d / "params")
+    tree = getattr(meta, "item_metadata", meta)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree),
+                            is_leaf=lambda m: hasattr(m, "shape"))
+    if mesh is not None:
+        shardings = sharding_lib.param_shardings(abstract, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = ocp.StandardCheckpointer().restore(d / "params", abstract)
+    return Transformer(cfg, rngs=nnx.Rngs(0), params=params)

@@ -1,0 +1,288 @@
+"""The decoder forward pass as a pure function, and the NNX module that holds parameters.
+
+Parameters (stacked over layers so the blocks run under ``lax.scan``)::
+
+    embed (V, D)                        final_norm (D,)       lm_head (D, V) unless tied
+    layers/attn_norm, post_attn_norm, mlp_norm, post_mlp_norm (L, D)   (as the family has them)
+    layers/attn/q (L, D, H, Dh)   k, v (L, D, KV, Dh)   o (L, H, Dh, D)
+    layers/attn/q_bias (L, H, Dh) k_bias, v_bias (L, KV, Dh)  o_bias (L, D)
+    layers/attn/q_norm, k_norm   (L, Dh) for "head" q/k norm, (L, H, Dh) / (L, KV, Dh) for "full"
+    layers/mlp/gate, up (L, D, F)  down (L, F, D)   gate_bias, up_bias (L, F)  down_bias (L, D)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from cca_jax.config import ModelConfig
+from cca_jax.model import intervention as iv_lib
+from cca_jax.model.cache import KVCache
+from cca_jax.model.intervention import Intervention
+from cca_jax.model.layers import activation, apply_rope, rms_norm, rope_tables, softcap
+
+Params = dict[str, Any]
+
+
+@struct.dataclass
+class ForwardOutput:
+    logits: jax.Array  # (B, P, V) float32 at the requested positions (all positions if none)
+    cache: KVCache | None = None
+    # {"q","k","v": (L,B,P,N,Dh), "mlp": (L,B,P,F), "resid": (L+1,B,P,D)} when asked for
+    activations: dict | None = None
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The shape of every parameter, as nested dicts (the layout above)."""
+    L, D, H, KV, Dh, F, V = (
+        cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+        cfg.head_dim, cfg.intermediate_size, cfg.vocab_size,
+    )
+    attn = {"q": (L, D, H, Dh), "k": (L, D, KV, Dh), "v": (L, D, KV, Dh), "o": (L, H, Dh, D)}
+    if cfg.qkv_bias:
+        attn.update(q_bias=(L, H, Dh), k_bias=(L, KV, Dh), v_bias=(L, KV, Dh))
+    if cfg.o_bias:
+        attn["o_bias"] = (L, D)
+    if cfg.qk_norm == "head":
+        attn.update(q_norm=(L, Dh), k_norm=(L, Dh))
+    elif cfg.qk_norm == "full":
+        attn.update(q_norm=(L, H, Dh), k_norm=(L, KV, Dh))
+    mlp = {"gate": (L, D, F), "up": (L, D, F), "down": (L, F, D)}
+    if cfg.mlp_bias:
+        mlp.update(gate_bias=(L, F), up_bias=(L, F), down_bias=(L, D))
+    layers: Params = {"attn": attn, "mlp": mlp}
+    for name, on in (
+        ("attn_norm", cfg.pre_attn_norm), ("post_attn_norm", cfg.post_attn_norm),
+        ("mlp_norm", cfg.pre_mlp_norm), ("post_mlp_norm", cfg.post_mlp_norm),
+    ):
+        if on:
+            layers[name] = (L, D)
+    shapes: Params = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (normal(std) weights, norms at identity, small random biases)."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            # gemma norms scale by (1 + w): identity is w = 0; others identity at w = 1.
+            base = 0.0 if cfg.norm_plus_one else 1.0
+            leaves.append((base + 0.1 * jax.random.normal(k, shape)).astype(dtype))
+        else:
+            leaves.append((std * jax.random.normal(k, shape)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _gather(x: jax.Array, at: jax.Array | None) -> jax.Array:
+    """x (B, T, ...) -> (B, P, ...) at indices ``at`` (B, P)."""
+    if at is None:
+        return x
+    idx = at.reshape(at.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _attention(cfg, p, x, q_pos, k_all, v_all, k_pos, sliding, cos, sin, layer_iv, where, collect, at):
+    """One attention sublayer. Returns (output, new k, new v, collected activations)."""
+    B, T, _ = x.shape
+    H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = jnp.einsum("btd,dhk->bthk", x, p["q"])
+    k = jnp.einsum("btd,dhk->bthk", x, p["k"])
+    v = jnp.einsum("btd,dhk->bthk", x, p["v"])
+    if cfg.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    q = iv_lib.apply(q, "q", layer_iv, where)
+    k = iv_lib.apply(k, "k", layer_iv, where)
+    v = iv_lib.apply(v, "v", layer_iv, where)
+    acts = {"q": _gather(q, at), "k": _gather(k, at), "v": _gather(v, at)} if collect else {}
+    eps = cfg.rms_norm_eps
+    if cfg.qk_norm == "head":
+        q = rms_norm(q, p["q_norm"], eps, cfg.norm_plus_one)
+        k = rms_norm(k, p["k_norm"], eps, cfg.norm_plus_one)
+    elif cfg.qk_norm == "full":  # olmo2: one norm over the whole projection
+        q = rms_norm(q.reshape(B, T, H * Dh), p["q_norm"].reshape(-1), eps, False).reshape(B, T, H, Dh)
+        k = rms_norm(k.reshape(B, T, KV * Dh), p["k_norm"].reshape(-1), eps, False).reshape(B, T, KV, Dh)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    if k_all is None:  # no cache: attend over this call's tokens
+        k_all, v_all = k, v
+    else:
+        k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), k_pos[1], axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), k_pos[1], axis=1)
+    kpos = k_pos[0]  # (B, S) positions of the keys, -1 where invalid
+    G = H // KV
+    qg = q.reshape(B, T, KV, G, Dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
+    s = softcap(s * cfg.scale, cfg.attn_logit_softcap)
+    mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= q_pos[:, :, None])
+    if cfg.sliding_window:
+        in_window = q_pos[:, :, None] - kpos[:, None, :] < cfg.sliding_window
+        mask = mask & (in_window | ~sliding)
+    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(s, axis=-1)
+    probs = jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0)  # padding queries
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_all.dtype), v_all).reshape(B, T, H, Dh)
+    out = jnp.einsum("bthd,hdm->btm", out.astype(x.dtype), p["o"])
+    if cfg.o_bias:
+        out = out + p["o_bias"]
+    return out, k_all, v_all, acts
+
+
+def _mlp(cfg, p, x, layer_iv, where, collect, at):
+    g = x @ p["gate"]
+    u = x @ p["up"]
+    if cfg.mlp_bias:
+        g, u = g + p["gate_bias"], u + p["up_bias"]
+    h = activation(cfg.hidden_act, g) * u
+    h = iv_lib.apply(h, "mlp", layer_iv, where)
+    out = h @ p["down"]
+    if cfg.mlp_bias:
+        out = out + p["down_bias"]
+    return out, ({"mlp": _gather(h, at)} if collect else {})
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    at: jax.Array | None = None,
+    intervention: Intervention | None = None,
+    collect: bool = False,
+    remat: bool = False,
+) -> ForwardOutput:
+    """Run the decoder on ``tokens`` (B, T).
+
+    mask: (B, T) bool, False for padding tokens (never attended to); default all True.
+    positions: (B, T) rope positions; default counts the valid tokens of each row,
+        continuing after what ``cache`` already holds (so left padding just works).
+    cache: when given, this call's keys/values are written at ``cache.index`` and attention
+        covers everything the cache holds; the updated cache is returned.
+    at: (B, P) indices into this call's tokens: logits (and activations) only there.
+    intervention: scale/replace components (see ``Intervention``); None = plain forward.
+    collect: also return per-component activations (and the residual stream) at ``at``.
+    remat: recompute each block in the backward pass (less memory for gradient steps).
+    """
+    B, T = tokens.shape
+    if mask is None:
+        mask = jnp.ones((B, T), bool)
+    if positions is None:
+        start = cache.next_positions()[:, None] if cache is not None else 0
+        positions = start + jnp.cumsum(mask, axis=1) - 1
+    positions = positions.astype(jnp.int32)
+    kpos_new = jnp.where(mask, positions, -1)
+    if cache is not None:
+        kpos_all = jax.lax.dynamic_update_slice_in_dim(cache.pos, kpos_new, cache.index, axis=1)
+        write = cache.index
+    else:
+        kpos_all, write = kpos_new, None
+
+    dtype = params["embed"].dtype
+    x = params["embed"][tokens]
+    if cfg.embed_scale:
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
+    cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
+    if cfg.rope_local is not None:
+        cos_l, sin_l = rope_tables(cfg.rope_local, cfg.head_dim, positions)
+    else:
+        cos_l, sin_l = cos, sin
+    where = intervention.where if intervention is not None else None
+    layer_ivs = intervention.layer_slices() if intervention is not None else None
+    sliding = jnp.asarray(np.array(cfg.sliding_layers, bool))
+    eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
+
+    def block(x, xs):
+        lp, is_sliding, k_c, v_c, layer_iv = xs
+        c = jnp.where(is_sliding, cos_l, cos) if cfg.rope_local is not None else cos
+        s_ = jnp.where(is_sliding, sin_l, sin) if cfg.rope_local is not None else sin
+        h = rms_norm(x, lp["attn_norm"], eps, plus) if cfg.pre_attn_norm else x
+        a, k_c, v_c, acts = _attention(
+            cfg, lp["attn"], h, positions, k_c, v_c, (kpos_all, write), is_sliding, c, s_,
+            layer_iv, where, collect, at,
+        )
+        if cfg.post_attn_norm:
+            a = rms_norm(a, lp["post_attn_norm"], eps, plus)
+        x = x + a
+        h = rms_norm(x, lp["mlp_norm"], eps, plus) if cfg.pre_mlp_norm else x
+        m, macts = _mlp(cfg, lp["mlp"], h, layer_iv, where, collect, at)
+        if cfg.post_mlp_norm:
+            m = rms_norm(m, lp["post_mlp_norm"], eps, plus)
+        x = x + m
+        if collect:
+            acts = {**acts, **macts, "resid": _gather(x, at)}
+        return x, (k_c, v_c, acts)
+
+    if remat:
+        block = jax.checkpoint(block)
+    ck = cache.k if cache is not None else None
+    cv = cache.v if cache is not None else None
+    x_in = x
+    x, (new_k, new_v, acts) = jax.lax.scan(block, x, (params["layers"], sliding, ck, cv, layer_ivs))
+
+    h = _gather(x, at)
+    h = rms_norm(h, params["final_norm"], eps, plus)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("bpd,dv->bpv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = softcap(logits, cfg.final_logit_softcap)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=new_k, v=new_v, pos=kpos_all, index=cache.index + T)
+    if collect:
+        acts["resid"] = jnp.concatenate([_gather(x_in, at)[None], acts["resid"]], axis=0)
+    return ForwardOutput(logits=logits, cache=new_cache, activations=acts if collect else None)
+
+
+class _Group(nnx.Module):
+    """A named group of parameters (attn, mlp, layers) in the NNX module tree."""
+
+    def __init__(self, tree: Params):
+        for name, value in tree.items():
+            setattr(self, name, _Group(value) if isinstance(value, dict) else nnx.Param(value))
+
+
+class Transformer(nnx.Module):
+    """A decoder-only transformer of any supported family, as an NNX module.
+
+    ``model.params()`` is the pure parameter dict that ``forward`` takes; ``model(tokens,
+    ...)`` runs ``forward`` with it. Use ``nnx.split`` / ``nnx.merge`` or ``params()`` /
+    ``with_params()`` to move between the module and plain pytrees.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, params: Params | None = None):
+        self.config = config
+        tree = params if params is not None else init_params(config, rngs.params(), dtype)
+        for name, value in tree.items():
+            setattr(self, name, _Group(value) if isinstance(value, dict) else nnx.Param(value))
+
+    def params(self) -> Params:
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def with_params(self, params: Params) -> "Transformer":
+        """A new module with the same config holding ``params`` (no copy of the arrays)."""
+        return Transformer(self.config, rngs=nnx.Rngs(0), params=params)
+
+    @classmethod
+    def abstract(cls, config: ModelConfig, dtype=jnp.float32) -> "Transformer":
+        """A module of ShapeDtypeStructs: the shapes without allocating anything."""
+        return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+    def __call__(self, tokens: jax.Array, **kw) -> ForwardOutput:
+        return forward(self.config, self.params(), tokens, **kw)
+
+    @property
+    def dtype(self):
+        return self.embed[...].dtype

@@ -1,0 +1,1 @@
+"""Weights in from Hugging Face directories, the hub and GGUF files; out to HF and orbax."""

@@ -1,0 +1,138 @@
+"""GGUF files: config from the metadata, tensors dequantized with the ``gguf`` package.
+
+Tensors are renamed to their Hugging Face names through the ``gguf`` package's own name
+map and then go through the same table as safetensors checkpoints. Two fix-ups undo what
+llama.cpp's converter does: llama-architecture q/k rows are permuted for its rotary layout,
+and Gemma norm weights hold (1 + w).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from cca_jax import config as config_lib
+from cca_jax.config import ModelConfig
+from cca_jax.errors import CCAError
+from cca_jax.weights import mapping
+
+# GGUF general.architecture -> transformers model_type
+_ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3": "gemma3_text", "olmo2": "olmo2"}
+# metadata key (after "<arch>.") -> transformers config field
+_KEYS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.sliding_window": "sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+    "vocab_size": "vocab_size",
+}
+
+
+def _reader(path: Path):
+    try:
+        import gguf
+    except ImportError:
+        raise CCAError("reading .gguf files needs the gguf package: pip install gguf") from None
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:
+        raise CCAError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def hf_config(reader, path: Path):
+    """A transformers config for the GGUF's model (the same defaults transformers uses)."""
+    import transformers
+
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise CCAError(
+            f"{path}: unsupported GGUF architecture {arch!r}: supported are {', '.join(_ARCHS)}"
+        )
+    kw: dict[str, Any] = {}
+    for key, field in _KEYS.items():
+        v = _field(reader, f"{arch}.{key}")
+        if v is not None:
+            kw[field] = v
+    if "vocab_size" not in kw:
+        kw["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if arch == "llama" and "head_dim" not in kw:
+        dim = _field(reader, "llama.rope.dimension_count")
+        if dim:
+            kw["head_dim"] = dim
+    rope = {"rope_type": "default", "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0))}
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise CCAError(f"{path}: unsupported GGUF rope scaling {scaling!r}")
+        rope.update(rope_type="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor")))
+    if arch == "gemma3":
+        local = {"rope_type": "default", "rope_theta": 10000.0}
+        kw["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+    else:
+        kw["rope_parameters"] = rope
+    for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                       ("padding_token_id", "pad_token_id")):
+        v = _field(reader, f"tokenizer.ggml.{key}")
+        if v is not None:
+            kw[field] = int(v)
+    names = {t.name for t in reader.tensors}
+    kw["tie_word_embeddings"] = "output.weight" not in names
+    return transformers.AutoConfig.for_model(_ARCHS[arch], **kw), arch
+
+
+def read_config(path: Path) -> tuple[ModelConfig, Any]:
+    reader = _reader(path)
+    hf_cfg, _ = hf_config(reader, path)
+    return config_lib.from_hf(hf_cfg), hf_cfg
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its rotary layout -> rotate-half)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 tensor) for every GGUF tensor, dequantized one at a time."""
+    import gguf
+
+    names = mapping.gguf_names(cfg, arch)
+    for t in reader.tensors:
+        hf_name = names.get(t.name)
+        if hf_name is None:
+            raise CCAError(
+                f"{path}: unknown GGUF tensor {t.name!r} for a {arch} model: the file is a variant "
+                f"this loader does not support"
+            )
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+            w = _unpermute(w, heads)
+        if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
+            w = w - 1.0
+        yield hf_name, w
+
+
+def load_tokenizer(path: Path):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception:  # tokenizers without a transformers converter: model still usable
+        return None

@@ -1,0 +1,130 @@
+"""Bad input gets one clear line (CCAError / exit status 2), never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+import cca_jax
+from cca_jax import cli
+from cca_jax.errors import CCAError
+
+
+def write_gguf(path, extra_tensor=None, arch="llama"):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(32)
+    rng = np.random.default_rng(0)
+    for name, shape in [("token_embd.weight", (32, 8)), ("output_norm.weight", (8,)),
+                        ("blk.0.attn_norm.weight", (8,)), ("blk.0.ffn_norm.weight", (8,)),
+                        ("blk.0.attn_q.weight", (8, 8)), ("blk.0.attn_k.weight", (4, 8)),
+                        ("blk.0.attn_v.weight", (4, 8)), ("blk.0.attn_output.weight", (8, 8)),
+                        ("blk.0.ffn_gate.weight", (16, 8)), ("blk.0.ffn_up.weight", (16, 8)),
+                        ("blk.0.ffn_down.weight", (8, 16))] + ([extra_tensor] if extra_tensor else []):
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def one_line_error(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("cca-jax: error: ")
+    return err
+
+
+def test_valid_tiny_gguf_loads(tmp_path):
+    model, tok = cca_jax.load_model(write_gguf(tmp_path / "ok.gguf"), with_tokenizer=False)
+    assert model.config.num_layers == 1 and model.config.tie_word_embeddings
+
+
+def test_missing_path(capsys):
+    err = one_line_error(["info", "/nonexistent/model-dir"], capsys)
+    assert "no such file or directory: /nonexistent/model-dir" in err
+    one_line_error(["info", "./missing.gguf"], capsys)
+
+
+def test_directory_without_weights(tmp_path, capsys, hf_dirs):
+    _, src = hf_dirs["llama"]
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    err = one_line_error(["info", str(tmp_path)], capsys)
+    assert "no model weights (*.safetensors)" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no config.json" in one_line_error(["info", str(empty)], capsys)
+
+
+def test_pickle_weights_refused(tmp_path, hf_dirs, capsys):
+    _, src = hf_dirs["llama"]
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    assert "no pickle" in one_line_error(["info", str(tmp_path)], capsys)
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    err = one_line_error(["info", str(tmp_path)], capsys)
+    assert "unsupported architecture 'gpt2'" in err
+
+
+def test_unsupported_config_feature_names_the_field(hf_dirs):
+    import tiny
+
+    cfg = tiny.hf_config("llama")
+    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    with pytest.raises(CCAError, match="rope_type 'yarn'"):
+        cca_jax.config.from_hf(cfg)
+    cfg = tiny.hf_config("qwen2")
+    cfg.hidden_act = "relu2"
+    with pytest.raises(CCAError, match="hidden_act 'relu2'"):
+        cca_jax.config.from_hf(cfg)
+
+
+def test_gguf_with_unknown_tensor(tmp_path, capsys):
+    path = write_gguf(tmp_path / "bad.gguf", extra_tensor=("blk.0.mystery.weight", (8,)))
+    err = one_line_error(["info", str(path)], capsys)
+    assert "unknown GGUF tensor 'blk.0.mystery.weight'" in err
+
+
+def test_unsupported_gguf_architecture(tmp_path, capsys):
+    path = write_gguf(tmp_path / "bad_arch.gguf", arch="bert")
+    assert "unsupported GGUF architecture 'bert'" in one_line_error(["info", str(path)], capsys)
+
+
+def test_not_a_gguf(tmp_path, capsys):
+    f = tmp_path / "junk.gguf"
+    f.write_bytes(b"hello world, not gguf")
+    assert "not a readable GGUF file" in one_line_error(["info", str(f)], capsys)
+
+
+def test_dtype_typo(tmp_path, capsys):
+    path = write_gguf(tmp_path / "ok.gguf")
+    err = one_line_error(["info", str(path), "--dtype", "bfloat61"], capsys)
+    assert "unknown dtype 'bfloat61'" in err and "bfloat16" in err
+
+
+def test_hub_id_offline_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = one_line_error(["info", "no-such-org/no-such-model"], capsys)
+    assert "cannot download 'no-such-org/no-such-model'" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cca_jax.cli", "info", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
