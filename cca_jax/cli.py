@@ -66,6 +66,60 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from cca_jax.data import gsm_symbolic
+
+    items = gsm_symbolic.from_templates(gsm_symbolic.load_template_source(args.templates),
+                                        args.per_template, args.seed)
+    out = gsm_symbolic.write_jsonl(items, args.out)
+    n_t = len(gsm_symbolic.by_template(items))
+    print(f"wrote {len(items)} instances of {n_t} templates to {out}")
+    return 0
+
+
+def _ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        from cca_jax.errors import CCAError
+
+        raise CCAError(f"--templates takes comma-separated template ids, got {text!r}") from None
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    from cca_jax import load_model
+    from cca_jax.data import gsm_symbolic
+    from cca_jax.errors import CCAError
+    from cca_jax.evaluate import gsm
+
+    items = gsm_symbolic.load_items(args.data, per_template=args.per_template, seed=args.seed)
+    if args.split != "all":
+        items = gsm_symbolic.split(items, args.seed)[args.split]
+    items = gsm.select(items, _ids(args.templates), args.limit)
+    if not items:
+        raise CCAError("no items left after --templates/--limit/--split: nothing to evaluate")
+    model, tok = load_model(_source(args.model), dtype=args.dtype)
+    if tok is None:
+        raise CCAError(f"{args.model}: no tokenizer found: evaluation needs one")
+    t0 = time.perf_counter()
+    acc, records = gsm.evaluate(model, tok, items, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, n_shots=args.shots,
+                                chat_template=args.chat_template)
+    meta = {"model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
+            "mode": args.mode, "max_new_tokens": args.max_new_tokens, "shots": args.shots,
+            "chat_template": args.chat_template, "seconds": round(time.perf_counter() - t0, 2)}
+    out = gsm.write_results(args.out, acc, records, meta)
+    print(f"accuracy {acc.overall:.3f} (95% CI {acc.low:.3f}-{acc.high:.3f}) over {len(acc.per_template)} "
+          f"templates, {acc.n_items} items; results in {out}")
+    for t, a in acc.per_template.items():
+        print(f"  template {t}: {a:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cca-jax", description="Constructive Circuit Amplification in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="dtype to load in")
     s.add_argument("--out-dtype", default=None, help="dtype of the written tensors (default: --dtype)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("data", help="make datasets")
+    dsub = s.add_subparsers(dest="dataset", required=True)
+    g = dsub.add_parser("gsm-symbolic", help="instantiate GSM-Symbolic templates to JSONL")
+    g.add_argument("--templates", default="builtin", help="template directory, or 'builtin' (default)")
+    g.add_argument("--per-template", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="output .jsonl (written atomically)")
+    g.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("eval", help="GSM-Symbolic accuracy of a model (greedy, 8-shot CoT)")
+    s.add_argument("--model", required=True, help=src_help)
+    s.add_argument("--data", default="builtin",
+                   help="'builtin', 'hub:main|p1|p2', a .jsonl, or a template directory")
+    s.add_argument("--templates", help="comma-separated template ids to keep")
+    s.add_argument("--limit", type=int, help="at most N items (round-robin over templates)")
+    s.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    s.add_argument("--per-template", type=int, default=50, help="instances per template (template dirs)")
+    s.add_argument("--seed", type=int, default=0, help="instantiation and split seed")
+    s.add_argument("--mode", default="fixed", choices=["fixed", "reference"], help="answer extraction")
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--shots", type=int, default=8)
+    s.add_argument("--chat-template", action="store_true", help="wrap the prompt in the chat template")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--out", default="runs/eval", help="output directory")
+    s.set_defaults(func=cmd_eval)
     return p
 
 

@@ -74,3 +74,38 @@ def test_gguf_weights_equal_transformers_dequantized(both):
         up = sd[f"model.layers.{layer}.mlp.up_proj.weight"].numpy()
         np.testing.assert_array_equal(np.asarray(p["layers"]["mlp"]["up"][layer]), up.T)
     assert cfg.num_components == 30 * (9 + 2 * 3 + 1536)
+
+
+def test_greedy_generation_token_identical_to_transformers(both):
+    """8 prompts of different lengths sharing a 2-shot context (the prefix cache path)."""
+    from cca_jax.data.prompt import build_prompt
+    from cca_jax.generate import common_prefix_len, generate
+
+    ours, tok, ref, _ = both
+    questions = ["Tom has 3 apples and buys 5 more. How many apples does he have?",
+                 "A box holds 12 eggs. How many eggs are in 4 boxes?",
+                 "Sara had 40 dollars and spent 15. How much is left?",
+                 "What is 7 times 8?",
+                 "A train travels 60 miles per hour for 3 hours. How far does it go?",
+                 "Ben reads 20 pages a day. How many pages does he read in a week?",
+                 "There are 9 birds on a tree and 4 fly away. How many birds are left?",
+                 "Lily has twice as many marbles as Sam, who has 14. How many marbles do they have together?"]
+    prompts = [tok(build_prompt(q, n_shots=2))["input_ids"] for q in questions]
+    assert len({len(p) for p in prompts}) > 1 and common_prefix_len(prompts) > 50
+    T = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    att = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        att[i, T - len(p):] = 1
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=att, max_new_tokens=24, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    want = []
+    for row in out[:, T:].tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+        want.append(row)
+    got = generate(ours, prompts, 24, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    assert got == want

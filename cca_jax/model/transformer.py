@@ -92,8 +92,11 @@ def _gather(x: jax.Array, at: jax.Array | None) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _attention(cfg, p, x, q_pos, k_all, v_all, k_pos, sliding, cos, sin, layer_iv, where, collect, at):
-    """One attention sublayer. Returns (output, new k, new v, collected activations)."""
+def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at):
+    """One attention sublayer. Returns (output, updated (k, v, layer) cache, activations).
+
+    kv_cache: None, or (k, v, layer): the full (L, B, S, KV, Dh) caches and this layer's
+    index. Only this call's new slice is written, so the cache is updated in place."""
     B, T, _ = x.shape
     H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = jnp.einsum("btd,dhk->bthk", x, p["q"])
@@ -114,11 +117,17 @@ def _attention(cfg, p, x, q_pos, k_all, v_all, k_pos, sliding, cos, sin, layer_i
         k = rms_norm(k.reshape(B, T, KV * Dh), p["k_norm"].reshape(-1), eps, False).reshape(B, T, KV, Dh)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    if k_all is None:  # no cache: attend over this call's tokens
+    if kv_cache is None:  # no cache: attend over this call's tokens
         k_all, v_all = k, v
     else:
-        k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), k_pos[1], axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), k_pos[1], axis=1)
+        ck, cv, layer = kv_cache
+        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+        start = (layer, 0, k_pos[1], 0, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k[None], start)
+        cv = jax.lax.dynamic_update_slice(cv, v[None], start)
+        k_all = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+        v_all = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        kv_cache = (ck, cv, layer)
     kpos = k_pos[0]  # (B, S) positions of the keys, -1 where invalid
     G = H // KV
     qg = q.reshape(B, T, KV, G, Dh)
@@ -135,7 +144,7 @@ def _attention(cfg, p, x, q_pos, k_all, v_all, k_pos, sliding, cos, sin, layer_i
     out = jnp.einsum("bthd,hdm->btm", out.astype(x.dtype), p["o"])
     if cfg.o_bias:
         out = out + p["o_bias"]
-    return out, k_all, v_all, acts
+    return out, kv_cache, acts
 
 
 def _mlp(cfg, p, x, layer_iv, where, collect, at):
@@ -204,13 +213,14 @@ def forward(
     sliding = jnp.asarray(np.array(cfg.sliding_layers, bool))
     eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
 
-    def block(x, xs):
-        lp, is_sliding, k_c, v_c, layer_iv = xs
+    def block(carry, xs):
+        x, kv = carry
+        lp, is_sliding, layer, layer_iv = xs
         c = jnp.where(is_sliding, cos_l, cos) if cfg.rope_local is not None else cos
         s_ = jnp.where(is_sliding, sin_l, sin) if cfg.rope_local is not None else sin
         h = rms_norm(x, lp["attn_norm"], eps, plus) if cfg.pre_attn_norm else x
-        a, k_c, v_c, acts = _attention(
-            cfg, lp["attn"], h, positions, k_c, v_c, (kpos_all, write), is_sliding, c, s_,
+        a, kv_layer, acts = _attention(
+            cfg, lp["attn"], h, positions, None if kv is None else (*kv, layer), (kpos_all, write), is_sliding, c, s_,
             layer_iv, where, collect, at,
         )
         if cfg.post_attn_norm:
@@ -223,14 +233,15 @@ def forward(
         x = x + m
         if collect:
             acts = {**acts, **macts, "resid": _gather(x, at)}
-        return x, (k_c, v_c, acts)
+        kv = None if kv is None else kv_layer[:2]
+        return (x, kv), acts
 
     if remat:
         block = jax.checkpoint(block)
-    ck = cache.k if cache is not None else None
-    cv = cache.v if cache is not None else None
+    kv = (cache.k, cache.v) if cache is not None else None
     x_in = x
-    x, (new_k, new_v, acts) = jax.lax.scan(block, x, (params["layers"], sliding, ck, cv, layer_ivs))
+    layer_ids = jnp.arange(cfg.num_layers)
+    (x, kv), acts = jax.lax.scan(block, (x, kv), (params["layers"], sliding, layer_ids, layer_ivs))
 
     h = _gather(x, at)
     h = rms_norm(h, params["final_norm"], eps, plus)
@@ -240,7 +251,7 @@ def forward(
 
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=new_k, v=new_v, pos=kpos_all, index=cache.index + T)
+        new_cache = KVCache(k=kv[0], v=kv[1], pos=kpos_all, index=cache.index + T)
     if collect:
         acts["resid"] = jnp.concatenate([_gather(x_in, at)[None], acts["resid"]], axis=0)
     return ForwardOutput(logits=logits, cache=new_cache, activations=acts if collect else None)

@@ -1,0 +1,160 @@
+"""GSM-Symbolic items from templates, the hub or local JSONL; splits per SPEC section 1.
+
+An ``Item`` is one question with its gold answer, keyed by template id (the GSM8K test
+index, ``original_id``) and instance number. Templates are read from a directory (the
+public ones live in ../shared/data/gsm_symbolic/templates/symbolic, never in this repo)
+or from the package's own embedded set (``builtin``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from cca_jax.data import answers
+from cca_jax.errors import CCAError
+
+HUB_REPO = "apple/GSM-Symbolic"
+HUB_CONFIGS = ("main", "p1", "p2")
+SPLIT_FRACTIONS = (0.52, 0.08, 0.40)  # train / val / test: 26 / 4 / 20 of 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    template: int
+    instance: int
+    question: str
+    answer: float
+    answer_text: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_templates(templates, per_template: int, seed: int) -> list[Item]:
+    """``per_template`` instances of each template, deterministic for ``seed``."""
+    from cca_jax.data import templates as tlib
+
+    items = []
+    for t in templates:
+        for k, inst in enumerate(tlib.instances(t, per_template, seed)):
+            items.append(Item(t.id, k, inst.question, float(inst.answer), inst.answer_text))
+    return items
+
+
+def load_template_source(source: str | os.PathLike | None):
+    """``None`` or "builtin" -> the embedded templates; else a directory of template JSON."""
+    from cca_jax.data import templates as tlib
+
+    if source is None or str(source) == "builtin":
+        return tlib.load_builtin_templates()
+    return tlib.load_templates(source)
+
+
+def _parse_jsonl_row(row: dict, where: str) -> Item:
+    try:
+        template = int(row.get("original_id", row.get("template", row.get("id_orig", row.get("id")))))
+        instance = int(row.get("instance", 0))
+        ans_text = row["answer"]
+        gold = float(ans_text) if isinstance(ans_text, (int, float)) else answers.gold(ans_text)
+        return Item(template, instance, row["question"], gold, ans_text if isinstance(ans_text, str) else "")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CCAError(f"{where}: not a GSM-Symbolic record ({type(err).__name__}: {err}); "
+                       f"need question, answer (ending '#### N') and original_id") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Item]:
+    """Items from JSONL in the hub's format (id/original_id, instance, question, answer)
+    or as written by ``write_jsonl``."""
+    p = Path(path)
+    if not p.exists():
+        raise CCAError(f"no such file: {p}")
+    items = []
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise CCAError(f"{p}:{n}: invalid JSON ({err})") from None
+                items.append(_parse_jsonl_row(row, f"{p}:{n}"))
+    if not items:
+        raise CCAError(f"{p}: no records")
+    return items
+
+
+def from_hub(config: str = "main", revision: str | None = None) -> list[Item]:
+    """The hub dataset apple/GSM-Symbolic (configs main, p1, p2; split test)."""
+    if config not in HUB_CONFIGS:
+        raise CCAError(f"unknown GSM-Symbolic config {config!r}: use one of {', '.join(HUB_CONFIGS)}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(HUB_REPO, f"{config}/test.jsonl", repo_type="dataset", revision=revision)
+    except Exception as err:
+        raise CCAError(f"cannot download {HUB_REPO} ({config}) from the hub ({type(err).__name__}): "
+                       f"offline? use --templates DIR or a local JSONL") from None
+    return read_jsonl(path)
+
+
+def load_items(source: str, per_template: int = 50, seed: int = 0) -> list[Item]:
+    """One entry point for the CLI: "builtin", "hub:main|p1|p2", a .jsonl file, or a
+    directory of templates (instantiated with ``per_template`` and ``seed``)."""
+    if source.startswith("hub:"):
+        return from_hub(source[4:])
+    p = Path(source)
+    if source != "builtin" and p.is_file():
+        return read_jsonl(p)
+    if source != "builtin" and not p.exists():
+        raise CCAError(f"no such file or directory: {source} (data is builtin, hub:main|p1|p2, a .jsonl or a template dir)")
+    return from_templates(load_template_source(source), per_template, seed)
+
+
+def write_jsonl(items: Iterable[Item | dict], path: str | os.PathLike) -> Path:
+    """Write records atomically (a temporary file in the same directory, then a rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for it in items:
+                f.write(json.dumps(it.to_json() if isinstance(it, Item) else it) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def by_template(items: Sequence[Item]) -> dict[int, list[Item]]:
+    out: dict[int, list[Item]] = {}
+    for it in items:
+        out.setdefault(it.template, []).append(it)
+    return out
+
+
+def split_counts(n: int) -> tuple[int, int, int]:
+    train = int(round(SPLIT_FRACTIONS[0] * n))
+    val = int(round(SPLIT_FRACTIONS[1] * n))
+    return train, val, n - train - val
+
+
+def split(items: Sequence[Item], seed: int) -> dict[str, list[Item]]:
+    """Per template: shuffle its instances with ``seed`` and cut 0.52 / 0.08 / 0.40.
+
+    Deterministic for the seed and independent of item order in the input."""
+    out = {"train": [], "val": [], "test": []}
+    for tid, group in sorted(by_template(items).items()):
+        group = sorted(group, key=lambda it: it.instance)
+        rng = np.random.default_rng([seed, tid])
+        perm = rng.permutation(len(group))
+        tr, va, _ = split_counts(len(group))
+        for name, idx in (("train", perm[:tr]), ("val", perm[tr:tr + va]), ("test", perm[tr + va:])):
+            out[name].extend(group[i] for i in sorted(idx))
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: GSM-Symbolic accuracy (and, in later issues, side-effect benchmarks)."""

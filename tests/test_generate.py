@@ -1,0 +1,134 @@
+"""Generation: token-identical to transformers' greedy generate; sampling definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import cca_jax
+import tiny
+from cca_jax.generate import Sampling, common_prefix_len, filter_logits, generate
+
+
+def hf_greedy(hf, prompts, max_new, eos=None):
+    """transformers generate (greedy) on a left-padded batch; ids after the prompt."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), T), dtype=torch.long)
+    att = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        att[i, T - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)
+    res = []
+    for row in out[:, T:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        res.append(row)
+    return res
+
+
+def prompt_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(3, tiny.VOCAB, size=int(rng.integers(2, 12)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_greedy_token_identical_to_transformers(hf_dirs, family):
+    hf, d = hf_dirs[family]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(8)
+    assert len({len(p) for p in prompts}) > 1
+    want = hf_greedy(hf, prompts, 10)
+    got = generate(model, prompts, 10, eos_token_id=[], chunk=4)
+    assert got == want
+
+
+def test_eos_stops_a_row_and_is_kept(hf_dirs):
+    hf, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(8, seed=1)
+    free = generate(model, prompts, 12, eos_token_id=[])
+    eos = free[0][3]  # a token row 0 emits: make it the EOS
+    want = hf_greedy(hf, prompts, 12, eos=eos)
+    got = generate(model, prompts, 12, eos_token_id=eos, chunk=5)
+    assert got == want and got[0][-1] == eos and len(got[0]) <= 4
+
+
+def test_shared_prefix_cache_gives_the_same_tokens(hf_dirs):
+    _, d = hf_dirs["gemma2"]  # sliding window: positions must be right after the prefix
+    model, _ = cca_jax.load_model(d)
+    shared = list(np.random.default_rng(5).integers(3, tiny.VOCAB, size=10))
+    prompts = [shared + p for p in prompt_batch(6, seed=2)]
+    assert common_prefix_len(prompts) >= 10
+    a = generate(model, prompts, 8, eos_token_id=[], share_prefix=True, min_shared_prefix=4)
+    b = generate(model, prompts, 8, eos_token_id=[], share_prefix=False)
+    assert a == b
+
+
+def test_batches_and_order(hf_dirs):
+    _, d = hf_dirs["qwen2"]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(7, seed=3)
+    whole = generate(model, prompts, 6, eos_token_id=[], batch_size=8)
+    split = generate(model, prompts, 6, eos_token_id=[], batch_size=3)
+    single = [generate(model, [p], 6, eos_token_id=[])[0] for p in prompts[:2]]
+    assert whole == split and whole[:2] == single
+
+
+def test_stop_rule_cuts_each_row(hf_dirs):
+    _, d = hf_dirs["olmo2"]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(4, seed=4)
+    free = generate(model, prompts, 12, eos_token_id=[])
+    cut = generate(model, prompts, 12, eos_token_id=[], stop=lambda ids: 3 if len(ids) >= 5 else None, chunk=2)
+    assert cut == [row[:3] for row in free]
+
+
+def test_sampling_reproducible_with_key(hf_dirs):
+    _, d = hf_dirs["gemma3"]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(4)
+    kw = dict(temperature=1.0, top_k=20, top_p=0.9, eos_token_id=[])
+    a = generate(model, prompts, 8, key=jax.random.key(1), **kw)
+    b = generate(model, prompts, 8, key=jax.random.key(1), **kw)
+    c = generate(model, prompts, 8, key=jax.random.key(2), **kw)
+    assert a == b and a != c
+    with pytest.raises(cca_jax.CCAError, match="PRNG key"):
+        generate(model, prompts, 4, temperature=0.7)
+
+
+def test_filter_definitions():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    # temperature divides the logits
+    np.testing.assert_allclose(filter_logits(logits, Sampling(2.0)), logits / 2.0, rtol=1e-6)
+    # top-k keeps exactly the k largest
+    fk = np.asarray(filter_logits(logits, Sampling(1.0, top_k=2)))
+    assert np.isfinite(fk).tolist() == [[True, True, False, False, False]]
+    # top-p keeps the smallest head whose mass reaches p: 0.5 + 0.2 >= 0.6 -> two tokens
+    fp = np.asarray(filter_logits(logits, Sampling(1.0, top_p=0.6)))
+    assert np.isfinite(fp).tolist() == [[True, True, False, False, False]]
+    fp = np.asarray(filter_logits(logits, Sampling(1.0, top_p=0.86)))  # 0.85 < 0.86 -> four
+    assert np.isfinite(fp).sum() == 4
+    # the filtered distribution is the renormalised kept mass, matching transformers' warpers
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 50)).astype(np.float32) * 3
+    t = torch.tensor(x)
+    t = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.7)(None, t)))
+    ours = np.asarray(filter_logits(jnp.asarray(x), Sampling(0.7, top_k=10, top_p=0.8)))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(t.numpy()))
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(ours)), torch.softmax(t, -1).numpy(), atol=1e-6)
+
+
+def test_sampling_frequencies_follow_filtered_distribution():
+    from cca_jax.generate import next_token
+
+    logits = jnp.tile(jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]])), (20000, 1))
+    s = Sampling(1.0, top_k=3)
+    toks = np.asarray(next_token(jax.random.key(0), logits, s))
+    freq = np.bincount(toks, minlength=4) / len(toks)
+    np.testing.assert_allclose(freq, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0.0], atol=0.015)
