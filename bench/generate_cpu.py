@@ -30,7 +30,7 @@ def main():
     from cca_jax.data.prompt import build_prompt
     from cca_jax.generate import generate
 
-    path = models.resolve(args.model) if args.model in models.OFFLINE_MODELS else args.model
+    path = models.resolve(args.model) if args.model in models.names() else args.model
     model, tok = cca_jax.load_model(path)
     rng = np.random.default_rng(0)
     questions = [f"{n} has {a} apples and buys {b} more bags with {c} apples each. How many apples does {n} have now?"

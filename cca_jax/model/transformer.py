@@ -172,6 +172,7 @@ def forward(
     intervention: Intervention | None = None,
     collect: bool = False,
     remat: bool = False,
+    final_softcap: bool = True,
 ) -> ForwardOutput:
     """Run the decoder on ``tokens`` (B, T).
 
@@ -184,6 +185,8 @@ def forward(
     intervention: scale/replace components (see ``Intervention``); None = plain forward.
     collect: also return per-component activations (and the residual stream) at ``at``.
     remat: recompute each block in the backward pass (less memory for gradient steps).
+    final_softcap: False returns the lm-head output before Gemma-2's final soft-cap (what
+        the original DCM code reads; see SPEC 3).
     """
     B, T = tokens.shape
     if mask is None:
@@ -247,7 +250,8 @@ def forward(
     h = rms_norm(h, params["final_norm"], eps, plus)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.einsum("bpd,dv->bpv", h, head.astype(dtype), preferred_element_type=jnp.float32)
-    logits = softcap(logits, cfg.final_logit_softcap)
+    if final_softcap:
+        logits = softcap(logits, cfg.final_logit_softcap)
 
     new_cache = None
     if cache is not None:

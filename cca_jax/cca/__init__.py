@@ -1,0 +1,1 @@
+"""The CCA method: pivotal tokens, component masks (DCM), masked amplification."""

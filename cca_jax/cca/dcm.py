@@ -1,0 +1,175 @@
+"""Desiderata-based Component Masking (SPEC 3): learn which components decide the pivot.
+
+A mask m (one float per query head, KV head and MLP neuron) scales each component's
+activation by 2*m at the last position; Adam pushes the logit difference (desired -
+undesired) up while an L1 penalty pushes m down. Because m acts only at the last
+position and the weights are frozen, the keys/values of all earlier positions are
+computed once per batch and every step runs the last position alone (exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cca_jax.cca import components
+from cca_jax.cca.examples import Batch, LocalizationExample, batches as make_batches
+from cca_jax.config import ModelConfig
+from cca_jax.errors import CCAError
+from cca_jax.model.cache import init_cache
+from cca_jax.model.intervention import Intervention
+from cca_jax.model.transformer import forward
+
+MODES = ("reference", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DCMConfig:
+    reg: float = 0.01
+    batch_size: int = 8
+    epochs: int = 50
+    lr: float = 5e-3
+    lr_decay: float = 0.9
+    decay_every_epochs: int = 5
+    mode: str = "fixed"
+    # reference: stop once the kept count is unchanged for int(0.2 * batches per epoch)
+    # batches in a row (counter reset each epoch). With Adam every unopposed m falls by
+    # about lr per step, so the bulk crosses 0.5 together after ~0.5/lr steps; the few
+    # components that cross first trigger that rule before the bulk does, and the mask
+    # keeps nearly everything. fixed: stop once the count is unchanged for a whole epoch.
+    early_stop: str = "fixed"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise CCAError(f"dcm mode must be one of {MODES}, got {self.mode!r}")
+        if self.early_stop not in MODES:
+            raise CCAError(f"dcm early_stop must be one of {MODES}, got {self.early_stop!r}")
+
+
+def logit_diff(logits: jax.Array, desired: jax.Array, undesired: jax.Array, mode: str) -> jax.Array:
+    """Mean logit difference. reference: the original's ``logits[:, desired]`` (B, B) cross
+    product, i.e. the mean over all pairs (i, j) of logit[i, d_j] - logit[i, u_j]."""
+    if mode == "reference":
+        return jnp.mean(logits[:, desired] - logits[:, undesired])
+    d = jnp.take_along_axis(logits, desired[:, None], axis=1)[:, 0]
+    u = jnp.take_along_axis(logits, undesired[:, None], axis=1)[:, 0]
+    return jnp.mean(d - u)
+
+
+def _scale_iv(m: dict, where: jax.Array) -> Intervention:
+    return Intervention(where=where, scale={k: 2.0 * v for k, v in m.items()})
+
+
+def loss_full(cfg: ModelConfig, params, m: dict, batch: Batch, reg: float, mode: str) -> jax.Array:
+    """The DCM loss with a plain full forward over the whole prefix (the reference path)."""
+    B, T = batch.tokens.shape
+    where = jnp.zeros((B, T), bool).at[:, -1].set(True)
+    out = forward(cfg, params, jnp.asarray(batch.tokens), mask=jnp.asarray(batch.mask),
+                  at=jnp.full((B, 1), T - 1), intervention=_scale_iv(m, where),
+                  final_softcap=(mode == "fixed"))
+    lg = out.logits[:, 0]
+    l1 = sum(jnp.sum(jnp.abs(v)) for v in m.values())
+    return -logit_diff(lg, jnp.asarray(batch.desired), jnp.asarray(batch.undesired), mode) + reg * l1
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prefix_cache(cfg: ModelConfig, params, tokens, mask):
+    """Keys/values of every position but the last (computed once per batch)."""
+    B, T = tokens.shape
+    cache = init_cache(cfg, B, T, params["embed"].dtype)
+    out = forward(cfg, params, tokens[:, :-1], mask=mask[:, :-1], cache=cache,
+                  at=jnp.zeros((B, 1), jnp.int32))
+    return out.cache
+
+
+def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, undesired, reg, mode):
+    """The same loss, running only the last position on top of the cached prefix."""
+    B = last_tokens.shape[0]
+    out = forward(cfg, params, last_tokens[:, None], cache=cache, at=jnp.zeros((B, 1), jnp.int32),
+                  intervention=_scale_iv(m, jnp.ones((B, 1), bool)), final_softcap=(mode == "fixed"))
+    lg = out.logits[:, 0]
+    l1 = sum(jnp.sum(jnp.abs(v)) for v in m.values())
+    return -logit_diff(lg, desired, undesired, mode) + reg * l1
+
+
+@dataclasses.dataclass
+class DCMResult:
+    mask: dict  # binary (numpy bool)
+    m: dict  # the learned floats
+    history: list  # per step: epoch, step, loss, kept
+    stopped_early: bool
+
+
+def patience_for(batches_per_epoch: int, early_stop: str = "reference") -> int:
+    if early_stop == "fixed":
+        return batches_per_epoch
+    return int(0.2 * batches_per_epoch)
+
+
+def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig, pad_token_id: int = 0,
+               progress: bool = True) -> DCMResult:
+    """Learn the DCM mask on ``examples``. Early stop (SPEC 3, reference): the kept count
+    unchanged for ``int(0.2 * batches_per_epoch)`` batches in a row (counter reset each
+    epoch) while not everything is kept; fixed: unchanged for a whole epoch."""
+    if not examples:
+        raise CCAError("DCM needs at least one localization example")
+    cfg, params = model.config, model.params()
+    bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
+    caches = [prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
+    n_b = len(bs)
+    schedule = optax.exponential_decay(config.lr, transition_steps=config.decay_every_epochs * n_b,
+                                       decay_rate=config.lr_decay, staircase=True)
+    opt = optax.adam(schedule)
+    m = components.full(cfg, 1.0)
+    state = opt.init(m)
+
+    @jax.jit
+    def step(m, state, cache, last, desired, undesired):
+        loss, g = jax.value_and_grad(loss_cached, argnums=2)(cfg, params, m, cache, last, desired, undesired,
+                                                              config.reg, config.mode)
+        upd, state = opt.update(g, state, m)
+        m = optax.apply_updates(m, upd)
+        m = jax.tree.map(lambda x: jnp.clip(x, 0.0, 1.0), m)
+        kept = sum(jnp.sum(x > 0.5) for x in m.values())
+        return m, state, loss, kept
+
+    total = components.total(cfg)
+    patience = patience_for(n_b, config.early_stop)
+    history, stopped = [], False
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs * n_b, desc="dcm", unit="step")
+    prev = total
+    rng = np.random.default_rng(config.seed)
+    same = 0
+    for epoch in range(config.epochs):
+        if config.early_stop == "reference":
+            same = 0
+        for bi in rng.permutation(n_b):
+            b = bs[bi]
+            m, state, loss, kept = step(m, state, caches[bi], jnp.asarray(b.tokens[:, -1]),
+                                        jnp.asarray(b.desired), jnp.asarray(b.undesired))
+            kept = int(kept)
+            history.append({"epoch": epoch, "step": len(history), "loss": float(loss), "kept": kept})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", kept=kept)
+            same = same + 1 if kept == prev else 0
+            prev = kept
+            if kept < total and same >= patience:
+                stopped = True
+                break
+        if stopped:
+            break
+    if bar is not None:
+        bar.close()
+    return DCMResult(components.binarize(m), {k: np.asarray(v) for k, v in m.items()}, history, stopped)

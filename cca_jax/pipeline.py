@@ -1,0 +1,355 @@
+"""The CCA run: data -> base evaluation -> template selection -> pivots -> circuit ->
+amplification (val-selected step) -> test evaluation -> report.
+
+Every stage writes into the run directory and records a hash of its inputs; a rerun
+reuses each finished stage whose inputs are unchanged, and amplification resumes from
+its last checkpoint, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from cca_jax.cca import amplify as amp
+from cca_jax.cca import components, dcm, pivots
+from cca_jax.cca import examples as ex_lib
+from cca_jax.data import answers, gsm_symbolic
+from cca_jax.errors import CCAError
+from cca_jax.evaluate import gsm
+from cca_jax.runconfig import RunConfig
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+class Stages:
+    """Per-stage directories with a completion record holding the inputs' hash."""
+
+    def __init__(self, run_dir: Path):
+        self.root = run_dir / "stages"
+
+    def dir(self, name: str) -> Path:
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def done(self, name: str, key: str) -> bool:
+        f = self.root / name / "done.json"
+        return f.exists() and _read_json(f).get("key") == key
+
+    def finish(self, name: str, key: str, seconds: float) -> None:
+        _write_json(self.root / name / "done.json", {"key": key, "seconds": seconds})
+
+    def seconds(self, name: str) -> float:
+        f = self.root / name / "done.json"
+        return _read_json(f)["seconds"] if f.exists() else 0.0
+
+
+def model_identity(source: str) -> dict:
+    p = Path(source)
+    if p.is_file():
+        st = p.stat()
+        ident = {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
+        if p.suffix in (".yaml", ".yml"):
+            ident["content"] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return ident
+    if p.is_dir():
+        return {"path": str(p.resolve()), "files": sorted((f.name, f.stat().st_size) for f in p.glob("*.safetensors"))}
+    return {"hub": source}
+
+
+def _records_path(stage_dir: Path, split: str) -> Path:
+    return stage_dir / f"{split}.jsonl"
+
+
+def _read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _flat(tree) -> dict:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def _unflat(template, flat: dict):
+    paths = jax.tree_util.tree_leaves_with_path(template)
+    leaves = [flat[jax.tree_util.keystr(p)] for p, _ in paths]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [jax.numpy.asarray(x) for x in leaves])
+
+
+def _save_tree(path: Path, tree) -> None:
+    """npz of a pytree's leaves by key path (no pickle), written atomically."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{k.replace("/", "|"): v for k, v in _flat(tree).items()})
+    os.replace(tmp, path)
+
+
+def _load_tree(path: Path, template):
+    with np.load(path, allow_pickle=False) as f:
+        flat = {k.replace("|", "/"): f[k] for k in f.files}
+    return _unflat(template, flat)
+
+
+def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
+        on_amplify_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) CCA and return the summary (also written to summary.json)."""
+    from cca_jax import load_model
+    from cca_jax.cli import _source
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = Stages(run_dir)
+    import yaml
+
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+    timings: dict[str, float] = {}
+
+    # -- model and data ----------------------------------------------------------------
+    t0 = time.perf_counter()
+    source = _source(config.model)
+    model, tok = load_model(source, dtype=config.dtype)
+    if config.tokenizer == "char":
+        from cca_jax.char_tokenizer import char_tokenizer
+
+        tok = char_tokenizer(model.config.vocab_size)
+    if tok is None:
+        raise CCAError(f"{config.model}: no tokenizer; set tokenizer: char for random test models")
+    timings["load_model"] = time.perf_counter() - t0
+    model_key = {"model": model_identity(source), "dtype": config.dtype, "tokenizer": config.tokenizer}
+
+    items = gsm_symbolic.load_items(config.data.templates, config.data.per_template, config.data.seed)
+    if config.data.template_ids is not None:
+        items = [it for it in items if it.template in set(config.data.template_ids)]
+    if not items:
+        raise CCAError("no GSM-Symbolic items: check data.templates and data.template_ids")
+    splits = gsm_symbolic.split(items, config.data.seed)
+    data_key = _hash([it.to_json() for it in items])
+    ev = config.eval
+
+    def evaluate(m, split_items, max_new, desc):
+        return gsm.evaluate(m, tok, split_items, mode=ev.answer_mode, max_new_tokens=max_new,
+                            batch_size=ev.batch_size, n_shots=ev.shots, chat_template=ev.chat_template,
+                            progress=progress, desc=desc)
+
+    # -- base evaluation -----------------------------------------------------------------
+    base_key = _hash([model_key, data_key, dataclasses.asdict(ev)])
+    base_dir = stages.dir("base_eval")
+    if not stages.done("base_eval", base_key):
+        t0 = time.perf_counter()
+        for split in ("train", "val", "test"):
+            mx = ev.test_max_new_tokens if split == "test" else ev.max_new_tokens
+            _, recs = evaluate(model, splits[split], mx, f"base {split}")
+            gsm_symbolic.write_jsonl(recs, _records_path(base_dir, split))
+        stages.finish("base_eval", base_key, time.perf_counter() - t0)
+    base = {s: _read_records(_records_path(base_dir, s)) for s in ("train", "val", "test")}
+    timings["base_eval"] = stages.seconds("base_eval")
+
+    # -- template selection -----------------------------------------------------------------
+    pool = base["train"] if config.data.select_on == "train" else base["train"] + base["val"] + base["test"]
+    per_t = gsm.accuracy(pool).per_template
+    selected = sorted(t for t, a in per_t.items() if a < config.data.select_threshold)
+    log(f"selected {len(selected)}/{len(per_t)} templates with base accuracy < {config.data.select_threshold}")
+    if not selected:
+        raise CCAError(f"no template scores below data.select_threshold={config.data.select_threshold}: "
+                       f"nothing to amplify (raise the threshold or use harder templates)")
+
+    # -- localization data ----------------------------------------------------------------------
+    loc_key = _hash([base_key, selected, dataclasses.asdict(config.pivots)])
+    loc_dir = stages.dir("localize")
+    if not stages.done("localize", loc_key):
+        t0 = time.perf_counter()
+        train = [r for r in base["train"] if r["template"] in set(selected)]
+        greedy = [pivots.Trace(tuple(r["prompt_tokens"]), tuple(r["generated_tokens"]), bool(r["correct"]))
+                  for r in train]
+        golds = [r["gold"] for r in train]
+
+        def judge_for(i):
+            return lambda ids: answers.is_correct(
+                answers.extract(tok.decode(list(ids), skip_special_tokens=True), ev.answer_mode), golds[i])
+
+        gen_kw = dict(stop=answers.stop_rule(tok), batch_size=ev.batch_size, pad_token_id=_pad(tok),
+                      eos_token_id=_eos(model, tok))
+        pc = dataclasses.replace(config.pivots, max_new_tokens=ev.max_new_tokens)
+        exs, stats = pivots.localize(model, greedy, [(r["template"], r["instance"]) for r in train], judge_for,
+                                     pc, gen_kw, progress=progress)
+        ex_lib.save(exs, loc_dir / "examples.jsonl")
+        _write_json(loc_dir / "stats.json", stats)
+        stages.finish("localize", loc_key, time.perf_counter() - t0)
+    examples = ex_lib.load(loc_dir / "examples.jsonl")
+    loc_stats = _read_json(loc_dir / "stats.json")
+    timings["localize"] = stages.seconds("localize")
+    log(f"localization: {loc_stats}")
+    if not examples:
+        raise CCAError("localization found no pivotal tokens (no sampled trace flipped correctness): "
+                       "try more pivots.n_samples or other templates")
+
+    # -- circuit -------------------------------------------------------------------------------
+    circ_key = _hash([loc_key, config.localize, dataclasses.asdict(config.dcm)])
+    circ_dir = stages.dir("circuit")
+    if not stages.done("circuit", circ_key):
+        t0 = time.perf_counter()
+        if config.localize != "dcm":
+            raise CCAError(f"localize: {config.localize!r} is not available (supported: dcm)")
+        res = dcm.train_mask(model, examples, config.dcm, pad_token_id=_pad(tok), progress=progress)
+        components.save(res.mask, circ_dir / "mask.npz")
+        np.savez(circ_dir / "m.npz", **res.m)
+        _write_json(circ_dir / "history.json", {"history": res.history, "stopped_early": res.stopped_early})
+        stages.finish("circuit", circ_key, time.perf_counter() - t0)
+    mask = components.load(circ_dir / "mask.npz")
+    components.check(mask, model.config)
+    timings["circuit"] = stages.seconds("circuit")
+
+    # -- amplification (resumable) -----------------------------------------------------------
+    acfg = config.amplify
+    amp_key = _hash([circ_key, dataclasses.asdict(acfg), _hash(base["val"])])
+    amp_dir = stages.dir("amplify")
+    params = model.params()
+    sel, row_masks = amp.selection_and_masks(mask, params, acfg)
+    opt = amp.make_optimizer(acfg, row_masks)
+    state, frozen = amp.init_state(params, sel, opt)
+    dtype = model.dtype
+    prog_f = amp_dir / "progress.json"
+    if not stages.done("amplify", amp_key):
+        t_start = time.perf_counter()
+        if prog_f.exists() and _read_json(prog_f).get("key") == amp_key:
+            prog = _read_json(prog_f)
+            state.master = _load_tree(amp_dir / "state_master.npz", state.master)
+            state.opt_state = _load_tree(amp_dir / "state_opt.npz", state.opt_state)
+            state.step, state.history = prog["step"], prog["history"]
+            state.best_step, state.best_val = prog["best_step"], prog["best_val"]
+            spent = prog["seconds"]
+            log(f"resuming amplification at step {state.step}")
+        else:
+            for f in amp_dir.glob("*.npz"):
+                f.unlink()
+            val0 = gsm.accuracy(base["val"]).overall
+            state.history = [{"step": 0, "val_accuracy": val0}]
+            state.best_step, state.best_val = 0, val0
+            _save_tree(amp_dir / "best_master.npz", state.master)
+            spent = 0.0
+        bs = amp.examples_batches(examples, acfg, _pad(tok))
+        apply = amp.step_fn(opt)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=acfg.steps, initial=state.step, desc="amplify", unit="step")
+        while state.step < acfg.steps:
+            # the gradient of the model as it runs (working dtype); the update lands in float32
+            train_now = jax.tree.map(lambda x: x.astype(dtype), state.master)
+            loss, grad = amp.full_batch_grad(model.config, train_now, frozen, bs, len(examples), acfg.remat)
+            state.master, state.opt_state = apply(state.master, state.opt_state, grad)
+            state.step += 1
+            rec = {"step": state.step, "loss": loss}
+            if state.step in acfg.eval_steps or state.step == acfg.steps:
+                m_now = model.with_params(amp.working_params(state.master, frozen, dtype))
+                acc, _ = evaluate(m_now, splits["val"], ev.max_new_tokens, f"val step {state.step}")
+                rec["val_accuracy"] = acc.overall
+                if acc.overall > state.best_val:
+                    state.best_step, state.best_val = state.step, acc.overall
+                    _save_tree(amp_dir / "best_master.npz", state.master)
+                state.history.append(rec)
+                _save_tree(amp_dir / "state_master.npz", state.master)
+                _save_tree(amp_dir / "state_opt.npz", state.opt_state)
+                _write_json(prog_f, {"key": amp_key, "step": state.step, "history": state.history,
+                                     "best_step": state.best_step, "best_val": state.best_val,
+                                     "seconds": spent + time.perf_counter() - t_start})
+            else:
+                state.history.append(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", best=f"{state.best_val:.3f}@{state.best_step}")
+            if on_amplify_step is not None:
+                on_amplify_step(state.step)
+        if bar is not None:
+            bar.close()
+        stages.finish("amplify", amp_key, spent + time.perf_counter() - t_start)
+    prog = _read_json(prog_f)
+    timings["amplify"] = stages.seconds("amplify")
+    best_master = _load_tree(amp_dir / "best_master.npz", state.master)
+    best_params = amp.working_params(best_master, frozen, dtype)
+
+    # -- test ------------------------------------------------------------------------------------
+    test_key = _hash([amp_key, prog["best_step"]])
+    test_dir = stages.dir("test")
+    if not stages.done("test", test_key):
+        t0 = time.perf_counter()
+        _, recs = evaluate(model.with_params(best_params), splits["test"], ev.test_max_new_tokens, "test (best)")
+        gsm_symbolic.write_jsonl(recs, _records_path(test_dir, "test"))
+        stages.finish("test", test_key, time.perf_counter() - t0)
+    test_after = gsm.accuracy(_read_records(_records_path(test_dir, "test")))
+    test_before = gsm.accuracy(base["test"])
+    timings["test_eval"] = stages.seconds("test")
+
+    # -- report -----------------------------------------------------------------------------------
+    n_sel = components.count(mask)
+    total = components.total(model.config)
+    sel_test_before = _mean_over(test_before.per_template, selected)
+    sel_test_after = _mean_over(test_after.per_template, selected)
+    summary = {
+        "model": config.model,
+        "components_total": total,
+        "components_selected": n_sel,
+        "fraction_components": n_sel / total,
+        "components_per_layer": components.per_layer(mask),
+        "fraction_parameters_changed": (components.fraction_parameters_changed(mask, params, acfg.targets)
+                                        if acfg.update_using_mask else 1.0),
+        "selected_templates": selected,
+        "localization": loc_stats,
+        "val_accuracy_by_step": {str(h["step"]): h["val_accuracy"] for h in prog["history"] if "val_accuracy" in h},
+        "loss_by_step": {str(h["step"]): h["loss"] for h in prog["history"] if "loss" in h},
+        "best_step": prog["best_step"],
+        "test_accuracy_before": test_before.to_json(),
+        "test_accuracy_after": test_after.to_json(),
+        "test_accuracy_selected_templates": {"before": sel_test_before, "after": sel_test_after},
+        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    _write_json(run_dir / "summary.json", summary)
+    try:
+        from cca_jax import report
+
+        report.plots(summary, run_dir)
+    except ImportError as err:  # matplotlib is in the [viz] extra
+        log(f"plots skipped ({err}): pip install 'cca-jax[viz]'")
+    return summary
+
+
+def _mean_over(per_template: dict, templates) -> float | None:
+    vals = [per_template[t] for t in templates if t in per_template]
+    return float(np.mean(vals)) if vals else None
+
+
+def _pad(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def _eos(model, tok):
+    eos = model.config.eos_token_id
+    ids = set([eos] if isinstance(eos, int) else list(eos or ()))
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return sorted(ids)

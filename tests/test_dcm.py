@@ -1,0 +1,104 @@
+"""DCM: the cached-prefix step equals the full forward; masks, schedule, early stop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cca_jax
+import tiny
+from cca_jax.cca import components, dcm
+from cca_jax.cca.examples import LocalizationExample, make_batch
+
+
+def examples(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [LocalizationExample(tuple(int(t) for t in rng.integers(3, tiny.VOCAB, int(rng.integers(5, 14)))),
+                                int(rng.integers(3, tiny.VOCAB)), int(rng.integers(3, tiny.VOCAB)), 1, i)
+            for i in range(n)]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("family,mode", [("gemma2", "fixed"), ("gemma2", "reference"), ("qwen2", "fixed"),
+                                         ("olmo2", "reference")])
+def test_cached_prefix_step_equals_full_forward(hf_dirs, family, mode):
+    _, d = hf_dirs[family]
+    model, _ = cca_jax.load_model(d)
+    cfg, params = model.config, model.params()
+    batch = make_batch(examples(), length=16)
+    assert batch.mask[:, 0].sum() < len(batch.mask)  # rows of different lengths (left padding)
+    key = jax.random.key(0)
+    m = {k: jax.random.uniform(jax.random.fold_in(key, i), s) for i, (k, s) in enumerate(components.shapes(cfg).items())}
+    full_l, full_g = jax.value_and_grad(dcm.loss_full, argnums=2)(cfg, params, m, batch, 0.01, mode)
+    cache = dcm.prefix_cache(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask))
+    c_l, c_g = jax.value_and_grad(dcm.loss_cached, argnums=2)(
+        cfg, params, m, cache, jnp.asarray(batch.tokens[:, -1]), jnp.asarray(batch.desired),
+        jnp.asarray(batch.undesired), 0.01, mode)
+    assert rel_err(c_l, full_l) <= 1e-5
+    for k in m:
+        assert rel_err(c_g[k], full_g[k]) <= 1e-5, k
+        assert np.abs(np.asarray(full_g[k])).max() > 0
+
+
+def test_reference_loss_is_the_cross_product_mean():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7)), jnp.float32)
+    d, u = jnp.asarray([1, 2, 3]), jnp.asarray([4, 5, 6])
+    ref = np.mean([[logits[i, d[j]] - logits[i, u[j]] for j in range(3)] for i in range(3)])
+    np.testing.assert_allclose(dcm.logit_diff(logits, d, u, "reference"), ref, rtol=1e-6)
+    fixed = np.mean([logits[i, d[i]] - logits[i, u[i]] for i in range(3)])
+    np.testing.assert_allclose(dcm.logit_diff(logits, d, u, "fixed"), fixed, rtol=1e-6)
+
+
+def test_reference_reads_logits_before_final_softcap(hf_dirs):
+    _, d = hf_dirs["gemma2"]
+    model, _ = cca_jax.load_model(d)
+    ids = jnp.asarray(tiny.tokens(1, 6))
+    raw = np.asarray(cca_jax.forward(model.config, model.params(), ids, final_softcap=False).logits)
+    capped = np.asarray(model(ids).logits)
+    cap = model.config.final_logit_softcap
+    np.testing.assert_allclose(np.tanh(raw / cap) * cap, capped, atol=1e-5)
+    assert np.abs(raw).max() > cap
+
+
+def test_train_mask_binary_clamped_and_stops(hf_dirs):
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    ex = examples(12)
+    res = dcm.train_mask(model, ex, dcm.DCMConfig(reg=0.05, batch_size=4, epochs=30, lr=0.05,
+                                                  early_stop="reference"), progress=False)
+    for k, v in res.mask.items():
+        assert v.dtype == bool and v.shape == components.shapes(model.config)[k]
+        assert (res.m[k] >= 0).all() and (res.m[k] <= 1).all()
+    kept = components.count(res.mask)
+    assert 0 < kept < components.total(model.config)
+    # 3 batches per epoch -> patience int(0.6) = 0: stop at the first step that drops a component
+    assert res.stopped_early and res.history[-1]["kept"] < components.total(model.config)
+    assert all(h["kept"] == components.total(model.config) for h in res.history[:-1])
+    assert dcm.patience_for(26) == 5 and dcm.patience_for(4) == 0 and dcm.patience_for(26, "fixed") == 26
+
+
+def test_fixed_early_stop_waits_for_a_stable_epoch(hf_dirs):
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    total = components.total(model.config)
+    res = dcm.train_mask(model, examples(12), dcm.DCMConfig(reg=0.05, batch_size=4, epochs=40, lr=0.05),
+                         progress=False)
+    kept = [h["kept"] for h in res.history]
+    if res.stopped_early:  # the last 3 steps (one epoch) did not change the count
+        assert len(set(kept[-4:])) == 1 and kept[-1] < total
+    # it ran past the reference rule's stopping point (the first step that drops a component)
+    first_drop = next(i for i, k in enumerate(kept) if k < total)
+    assert len(kept) > first_drop + 1
+
+
+def test_mask_save_load_npz(tmp_path):
+    cfg = cca_jax.config.from_hf(tiny.hf_config("llama"))
+    mask = components.binarize(components.full(cfg, 0.7))
+    p = components.save(mask, tmp_path / "mask.npz")
+    back = components.load(p)
+    assert components.count(back) == components.total(cfg)
+    components.check(back, cfg)

@@ -1,0 +1,111 @@
+"""The whole CCA pipeline on the tiny random model: masks, untouched weights, resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cca_jax import cli, pipeline, runconfig
+from cca_jax.cca import components
+from cca_jax.errors import CCAError
+
+CONFIG = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+
+
+class Killed(Exception):
+    pass
+
+
+def _strip(summary):
+    return {k: v for k, v in summary.items() if k != "timings_seconds"}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_full")
+    cfg = runconfig.load(CONFIG)
+    return cfg, d, pipeline.run(cfg, d, progress=False, log=lambda s: None)
+
+
+def test_masks_binary_and_summary(full_run):
+    cfg, d, s = full_run
+    mask = components.load(d / "stages" / "circuit" / "mask.npz")
+    assert all(v.dtype == bool for v in mask.values())
+    assert s["components_selected"] == components.count(mask)
+    assert 0 < s["components_selected"] < s["components_total"]
+    assert 0 < s["fraction_parameters_changed"] < 1
+    for key in ("components_total", "fraction_components", "val_accuracy_by_step", "test_accuracy_before",
+                "test_accuracy_after", "timings_seconds"):
+        assert key in s
+    assert set(s["val_accuracy_by_step"]) == {"0", "2", "4", "6"}
+    assert s["localization"]["examples"] > 0
+    assert (d / "plots" / "val_accuracy.png").stat().st_size > 1000
+    assert json.loads((d / "summary.json").read_text()) == json.loads(json.dumps(s))
+
+
+def test_only_circuit_rows_change(full_run):
+    """Non-circuit weights bit-identical; every target leaf's circuit rows changed."""
+    cfg, d, s = full_run
+    import cca_jax
+    model, _ = cca_jax.load_model(cfg.model)
+    params = model.params()
+    mask = components.load(d / "stages" / "circuit" / "mask.npz")
+    with np.load(d / "stages" / "amplify" / "state_master.npz") as f:
+        master = {k.replace("|", "/"): f[k] for k in f.files}
+    trained = {"['layers']['attn']['q']": "q", "['layers']['attn']['k']": "k",
+               "['layers']['attn']['v']": "v", "['layers']['mlp']['up']": "mlp"}
+    assert set(master) == set(trained)  # nothing else was even a candidate for change
+    p = {"q": params["layers"]["attn"]["q"], "k": params["layers"]["attn"]["k"],
+         "v": params["layers"]["attn"]["v"], "mlp": params["layers"]["mlp"]["up"]}
+    for path, kind in trained.items():
+        before, after, m = np.asarray(p[kind]), master[path], mask[kind]
+        # component axis: heads at axis 2 of (L, D, N, Dh); neurons at axis 2 of (L, D, F)
+        diff = np.abs(after - before)
+        per_comp = diff.max(axis=(1, 3)) if diff.ndim == 4 else diff.max(axis=1)
+        assert (per_comp[~m] == 0).all(), path  # bit-identical outside the circuit
+        assert (per_comp[m] > 0).all(), path  # every selected row moved
+
+
+def test_killed_run_resumes_to_the_same_result(full_run, tmp_path):
+    cfg, _, want = full_run
+
+    def kill(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pipeline.run(cfg, tmp_path, progress=False, on_amplify_step=kill, log=lambda s: None)
+    assert json.loads((tmp_path / "stages" / "amplify" / "progress.json").read_text())["step"] == 2
+    logs = []
+    got = pipeline.run(cfg, tmp_path, progress=False, log=logs.append)
+    assert any("resuming amplification at step 2" in m for m in logs)
+    assert _strip(got) == _strip(want)
+    a = np.load(tmp_path / "stages" / "amplify" / "state_master.npz")
+    with np.load(full_run[1] / "stages" / "amplify" / "state_master.npz") as b:
+        for k in b.files:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_finished_stages_are_reused(full_run, tmp_path):
+    cfg, d, want = full_run
+    shutil.copytree(d, tmp_path / "r", dirs_exist_ok=True)
+    got = pipeline.run(cfg, tmp_path / "r", progress=False, log=lambda s: None)
+    assert _strip(got) == _strip(want)
+    # changing the DCM regulariser reruns the circuit stage and what follows, not before
+    cfg2 = runconfig.load(CONFIG, ["dcm.reg=0.02"])
+    base_done = (tmp_path / "r" / "stages" / "base_eval" / "done.json").read_text()
+    pipeline.run(cfg2, tmp_path / "r", progress=False, log=lambda s: None)
+    assert (tmp_path / "r" / "stages" / "base_eval" / "done.json").read_text() == base_done
+
+
+def test_cli_run_and_config_errors(tmp_path, capsys):
+    assert cli.main(["run", str(CONFIG), "--quiet", "--out", str(tmp_path / "cli"),
+                     "--set", "amplify.steps=2", "--set", "amplify.eval_steps=[2]"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy before" in out and "components" in out
+    assert cli.main(["run", str(CONFIG), "--set", "dcm.regg=1"]) == 2
+    assert "unknown key(s) regg" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
