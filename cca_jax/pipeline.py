@@ -88,28 +88,33 @@ def _read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _flat(tree) -> dict:
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
-
-
-def _unflat(template, flat: dict):
-    paths = jax.tree_util.tree_leaves_with_path(template)
-    leaves = [flat[jax.tree_util.keystr(p)] for p, _ in paths]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [jax.numpy.asarray(x) for x in leaves])
+def _key(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _save_tree(path: Path, tree) -> None:
-    """npz of a pytree's leaves by key path (no pickle), written atomically."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k.replace("/", "|"): v for k, v in _flat(tree).items()})
-    os.replace(tmp, path)
+    """Orbax checkpoint of a pytree's leaves keyed by their paths (atomic: orbax writes a
+    temporary directory and renames it)."""
+    import orbax.checkpoint as ocp
+
+    flat = {_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    if not flat:  # e.g. plain SGD's optimizer state: nothing to save
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path.absolute(), flat, force=True)
+    ckpt.wait_until_finished()
 
 
 def _load_tree(path: Path, template):
-    with np.load(path, allow_pickle=False) as f:
-        flat = {k.replace("|", "/"): f[k] for k in f.files}
-    return _unflat(template, flat)
+    import orbax.checkpoint as ocp
+
+    leaves = jax.tree_util.tree_leaves_with_path(template)
+    if not leaves:
+        return template
+    abstract = {_key(p): jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for p, x in leaves}
+    flat = ocp.StandardCheckpointer().restore(path.absolute(), abstract)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [flat[_key(p)] for p, _ in leaves])
 
 
 def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
@@ -237,19 +242,19 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         t_start = time.perf_counter()
         if prog_f.exists() and _read_json(prog_f).get("key") == amp_key:
             prog = _read_json(prog_f)
-            state.master = _load_tree(amp_dir / "state_master.npz", state.master)
-            state.opt_state = _load_tree(amp_dir / "state_opt.npz", state.opt_state)
+            state.master = _load_tree(amp_dir / "state_master", state.master)
+            state.opt_state = _load_tree(amp_dir / "state_opt", state.opt_state)
             state.step, state.history = prog["step"], prog["history"]
             state.best_step, state.best_val = prog["best_step"], prog["best_val"]
             spent = prog["seconds"]
             log(f"resuming amplification at step {state.step}")
         else:
-            for f in amp_dir.glob("*.npz"):
-                f.unlink()
+            for name in ("state_master", "state_opt", "best_master"):
+                shutil.rmtree(amp_dir / name, ignore_errors=True)
             val0 = gsm.accuracy(base["val"]).overall
             state.history = [{"step": 0, "val_accuracy": val0}]
             state.best_step, state.best_val = 0, val0
-            _save_tree(amp_dir / "best_master.npz", state.master)
+            _save_tree(amp_dir / "best_master", state.master)
             spent = 0.0
         bs = amp.examples_batches(examples, acfg, _pad(tok))
         apply = amp.step_fn(opt)
@@ -271,10 +276,10 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 rec["val_accuracy"] = acc.overall
                 if acc.overall > state.best_val:
                     state.best_step, state.best_val = state.step, acc.overall
-                    _save_tree(amp_dir / "best_master.npz", state.master)
+                    _save_tree(amp_dir / "best_master", state.master)
                 state.history.append(rec)
-                _save_tree(amp_dir / "state_master.npz", state.master)
-                _save_tree(amp_dir / "state_opt.npz", state.opt_state)
+                _save_tree(amp_dir / "state_master", state.master)
+                _save_tree(amp_dir / "state_opt", state.opt_state)
                 _write_json(prog_f, {"key": amp_key, "step": state.step, "history": state.history,
                                      "best_step": state.best_step, "best_val": state.best_val,
                                      "seconds": spent + time.perf_counter() - t_start})
@@ -290,7 +295,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         stages.finish("amplify", amp_key, spent + time.perf_counter() - t_start)
     prog = _read_json(prog_f)
     timings["amplify"] = stages.seconds("amplify")
-    best_master = _load_tree(amp_dir / "best_master.npz", state.master)
+    best_master = _load_tree(amp_dir / "best_master", state.master)
     best_params = amp.working_params(best_master, frozen, dtype)
 
     # -- test ------------------------------------------------------------------------------------

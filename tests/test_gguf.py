@@ -109,3 +109,14 @@ def test_greedy_generation_token_identical_to_transformers(both):
         want.append(row)
     got = generate(ours, prompts, 24, eos_token_id=tok.eos_token_id, pad_token_id=pad)
     assert got == want
+
+
+def test_chat_template_prompt(both):
+    from cca_jax.data.prompt import encode
+
+    _, tok, _, _ = both
+    plain = encode(tok, "What is 2 + 2?")
+    chat = encode(tok, "What is 2 + 2?", chat_template=True)
+    text = tok.decode(chat)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+    assert tok.decode(plain) in text and len(chat) > len(plain)

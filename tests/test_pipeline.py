@@ -19,6 +19,14 @@ class Killed(Exception):
     pass
 
 
+def _master(run_dir):
+    """The final float32 master copies (an orbax checkpoint of path -> array)."""
+    import orbax.checkpoint as ocp
+
+    got = ocp.StandardCheckpointer().restore((run_dir / "stages" / "amplify" / "state_master").absolute())
+    return {k: np.asarray(v) for k, v in got.items()}
+
+
 def _strip(summary):
     return {k: v for k, v in summary.items() if k != "timings_seconds"}
 
@@ -53,10 +61,8 @@ def test_only_circuit_rows_change(full_run):
     model, _ = cca_jax.load_model(cfg.model)
     params = model.params()
     mask = components.load(d / "stages" / "circuit" / "mask.npz")
-    with np.load(d / "stages" / "amplify" / "state_master.npz") as f:
-        master = {k.replace("|", "/"): f[k] for k in f.files}
-    trained = {"['layers']['attn']['q']": "q", "['layers']['attn']['k']": "k",
-               "['layers']['attn']['v']": "v", "['layers']['mlp']['up']": "mlp"}
+    master = _master(d)
+    trained = {"layers.attn.q": "q", "layers.attn.k": "k", "layers.attn.v": "v", "layers.mlp.up": "mlp"}
     assert set(master) == set(trained)  # nothing else was even a candidate for change
     p = {"q": params["layers"]["attn"]["q"], "k": params["layers"]["attn"]["k"],
          "v": params["layers"]["attn"]["v"], "mlp": params["layers"]["mlp"]["up"]}
@@ -83,10 +89,10 @@ def test_killed_run_resumes_to_the_same_result(full_run, tmp_path):
     got = pipeline.run(cfg, tmp_path, progress=False, log=logs.append)
     assert any("resuming amplification at step 2" in m for m in logs)
     assert _strip(got) == _strip(want)
-    a = np.load(tmp_path / "stages" / "amplify" / "state_master.npz")
-    with np.load(full_run[1] / "stages" / "amplify" / "state_master.npz") as b:
-        for k in b.files:
-            np.testing.assert_array_equal(a[k], b[k])
+    a, b = _master(tmp_path), _master(full_run[1])
+    assert set(a) == set(b)
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_finished_stages_are_reused(full_run, tmp_path):

@@ -87,10 +87,13 @@ def branching_pivot(model, greedy: Trace, sampled: Trace, judge: Callable[[Seque
     for c0 in range(0, len(cand), config.branch_batch):
         group = cand[c0:c0 + config.branch_batch]
         prompts = [list(sampled.prompt) + list(sampled.tokens[:j + 1]) for j in group]
-        budgets = max(1, config.max_new_tokens - min(group) - 1)
-        outs = generate(model, prompts, budgets, **gen_kw)
+        # one budget for the group (the longest any branch may use); greedy decoding is
+        # deterministic, so cutting each to its own budget equals generating it alone
+        budget = config.max_new_tokens - min(group) - 1
+        outs = generate(model, prompts, budget, **gen_kw) if budget > 0 else [[] for _ in group]
         for j, out in zip(group, outs):
-            branch_ok = judge(list(sampled.tokens[:j + 1]) + list(out))
+            out = list(out)[: max(0, config.max_new_tokens - j - 1)]
+            branch_ok = judge(list(sampled.tokens[:j + 1]) + out)
             if branch_ok != greedy.correct:
                 d, u = (sampled.tokens[j], int(g[j])) if branch_ok else (int(g[j]), sampled.tokens[j])
                 if d == u:

@@ -1,0 +1,101 @@
+"""Masked amplification: optax restricts updates to circuit rows; ablation; masters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cca_jax
+import tiny
+from cca_jax.cca import amplify as amp
+from cca_jax.cca import components
+from cca_jax.cca.examples import batches, make_batch
+from test_dcm import examples
+
+
+@pytest.fixture(scope="module")
+def model(hf_dirs):
+    return cca_jax.load_model(hf_dirs["qwen2"][1])[0]
+
+
+def small_mask(cfg):
+    m = {k: np.zeros(s, bool) for k, s in components.shapes(cfg).items()}
+    m["q"][0, 1] = m["k"][1, 0] = m["v"][2, 1] = m["mlp"][1, 3] = True
+    return m
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_updates_only_circuit_rows(model, optimizer):
+    cfg, params = model.config, model.params()
+    acfg = amp.AmplifyConfig(optimizer=optimizer, lr=1e-2, targets=("q", "k", "v", "up", "o"))
+    mask = small_mask(cfg)
+    sel, rows = amp.selection_and_masks(mask, params, acfg)
+    opt = amp.make_optimizer(acfg, rows)
+    state, frozen = amp.init_state(params, sel, opt)
+    exs = examples(6)
+    loss, grad = amp.full_batch_grad(cfg, state.master, frozen, batches(exs, 4, 0), len(exs))
+    master, _ = amp.step_fn(opt)(state.master, state.opt_state, grad)
+    new = amp.working_params(master, frozen, jnp.float32)
+    old_a, new_a = params["layers"]["attn"], new["layers"]["attn"]
+    dq = np.abs(np.asarray(new_a["q"] - old_a["q"])).max(axis=(1, 3))
+    assert dq[0, 1] > 0 and (np.delete(dq.ravel(), 1) == 0).all()
+    dqb = np.abs(np.asarray(new_a["q_bias"] - old_a["q_bias"])).max(axis=2)
+    assert dqb[0, 1] > 0 and dqb.sum() == dqb[0, 1]
+    do = np.abs(np.asarray(new_a["o"] - old_a["o"])).max(axis=(2, 3))  # o follows the q heads
+    assert do[0, 1] > 0 and do.sum() == do[0, 1]
+    du = np.abs(np.asarray(new["layers"]["mlp"]["up"] - params["layers"]["mlp"]["up"])).max(axis=1)
+    assert du[1, 3] > 0 and du.sum() == du[1, 3]
+    # untouched leaves are the very same arrays
+    assert new["layers"]["mlp"]["down"] is params["layers"]["mlp"]["down"]
+    assert new["embed"] is params["embed"]
+
+
+def test_full_batch_gradient_is_the_mean_over_all_examples(model):
+    cfg, params = model.config, model.params()
+    exs = examples(7)
+    sel, _ = amp.selection_and_masks(small_mask(cfg), params, amp.AmplifyConfig())
+    train, frozen = amp.split_params(params, sel)
+    l_split, g_split = amp.full_batch_grad(cfg, train, frozen, batches(exs, 3, 0), len(exs))
+    one = make_batch(exs, length=16)
+    l_one, g_one = amp.full_batch_grad(cfg, train, frozen, [one], len(exs))
+    np.testing.assert_allclose(l_split, l_one, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_ablation_updates_every_parameter(model):
+    cfg, params = model.config, model.params()
+    acfg = amp.AmplifyConfig(update_using_mask=False, lr=1e-2)
+    sel, rows = amp.selection_and_masks(None, params, acfg)
+    assert all(jax.tree.leaves(sel))
+    opt = amp.make_optimizer(acfg, rows)
+    state, frozen = amp.init_state(params, sel, opt)
+    exs = examples(4)
+    _, grad = amp.full_batch_grad(cfg, state.master, frozen, batches(exs, 4, 0), len(exs))
+    master, _ = amp.step_fn(opt)(state.master, state.opt_state, grad)
+    assert np.abs(np.asarray(master["embed"] - params["embed"])).max() > 0
+    assert np.abs(np.asarray(master["layers"]["mlp"]["down"] - params["layers"]["mlp"]["down"])).max() > 0
+
+
+def test_float32_masters_keep_small_steps_that_bf16_would_round_away(model):
+    cfg = model.config
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params())
+    acfg = amp.AmplifyConfig(lr=1e-4)
+    sel, rows = amp.selection_and_masks(components.binarize(components.full(cfg)), params16, acfg)
+    opt = amp.make_optimizer(acfg, rows)
+    state, frozen = amp.init_state(params16, sel, opt)
+    assert state.master["layers"]["attn"]["q"].dtype == jnp.float32
+    exs = examples(4)
+    master = state.master
+    apply = amp.step_fn(opt)
+    opt_state = state.opt_state
+    for _ in range(3):
+        train16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), master)
+        _, grad = amp.full_batch_grad(cfg, train16, frozen, batches(exs, 4, 0), len(exs))
+        master, opt_state = apply(master, opt_state, grad)
+    q0 = np.asarray(params16["layers"]["attn"]["q"], np.float32)
+    moved = np.abs(np.asarray(master["layers"]["attn"]["q"]) - q0) > 0
+    # a direct bf16 update would round most of these steps away
+    direct = np.asarray((params16["layers"]["attn"]["q"].astype(jnp.float32)
+                         - 1e-4 * grad["layers"]["attn"]["q"]).astype(jnp.bfloat16), np.float32)
+    assert moved.mean() > 0.9 and (direct != q0).mean() < moved.mean()
