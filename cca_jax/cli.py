@@ -13,7 +13,7 @@ import sys
 def _source(model: str) -> str:
     from cca_jax import models
 
-    return str(models.resolve(model)) if model in models.names() else model
+    return models.source(model)
 
 
 def _summary(model) -> dict:

@@ -133,6 +133,15 @@ def _tile_cache(cache: KVCache, batch: int) -> KVCache:
     )
 
 
+def stop_ids(model, tokenizer=None) -> list[int]:
+    """EOS ids of the model config and the tokenizer together."""
+    eos = model.config.eos_token_id
+    ids = set([eos] if isinstance(eos, int) else list(eos or ()))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 def _eos_ids(model, eos) -> np.ndarray:
     if eos is None:
         eos = model.config.eos_token_id

@@ -102,3 +102,8 @@ def resolve(name: str, verify: bool = True) -> Path:
             except OSError:
                 pass  # read-only site-packages: verify again next time
     return path
+
+
+def source(model: str) -> str:
+    """A model argument as load_model takes it: offline model names become their file."""
+    return str(resolve(model)) if model in names() else model

@@ -121,7 +121,8 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         on_amplify_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) CCA and return the summary (also written to summary.json)."""
     from cca_jax import load_model
-    from cca_jax.cli import _source
+    from cca_jax.generate import stop_ids
+    from cca_jax.models import source as model_source
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
 
     # -- model and data ----------------------------------------------------------------
     t0 = time.perf_counter()
-    source = _source(config.model)
+    source = model_source(config.model)
     model, tok = load_model(source, dtype=config.dtype)
     if config.tokenizer == "char":
         from cca_jax.char_tokenizer import char_tokenizer
@@ -197,7 +198,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 answers.extract(tok.decode(list(ids), skip_special_tokens=True), ev.answer_mode), golds[i])
 
         gen_kw = dict(stop=answers.stop_rule(tok), batch_size=ev.batch_size, pad_token_id=_pad(tok),
-                      eos_token_id=_eos(model, tok))
+                      eos_token_id=stop_ids(model, tok))
         pc = dataclasses.replace(config.pivots, max_new_tokens=ev.max_new_tokens)
         exs, stats = pivots.localize(model, greedy, [(r["template"], r["instance"]) for r in train], judge_for,
                                      pc, gen_kw, progress=progress)
@@ -307,6 +308,12 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         gsm_symbolic.write_jsonl(recs, _records_path(test_dir, "test"))
         stages.finish("test", test_key, time.perf_counter() - t0)
     test_after = gsm.accuracy(_read_records(_records_path(test_dir, "test")))
+    if config.export:
+        from cca_jax import export_hf
+
+        t0 = time.perf_counter()
+        export_hf(model.with_params(best_params), run_dir / "amplified", tokenizer=tok)
+        timings["export"] = time.perf_counter() - t0
     test_before = gsm.accuracy(base["test"])
     timings["test_eval"] = stages.seconds("test")
 
@@ -351,10 +358,3 @@ def _mean_over(per_template: dict, templates) -> float | None:
 def _pad(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else 0
 
-
-def _eos(model, tok):
-    eos = model.config.eos_token_id
-    ids = set([eos] if isinstance(eos, int) else list(eos or ()))
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return sorted(ids)

@@ -46,6 +46,7 @@ class RunConfig:
     dtype: str = "float32"
     tokenizer: str | None = None  # None: the model's own; "char": tiny test models
     localize: str = "dcm"  # how the circuit is found
+    export: bool = False  # also write the amplified model as a HF directory (run_dir/amplified)
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     pivots: PivotConfig = PivotConfig()

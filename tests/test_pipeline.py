@@ -115,3 +115,22 @@ def test_cli_run_and_config_errors(tmp_path, capsys):
     assert cli.main(["run", str(CONFIG), "--set", "dcm.regg=1"]) == 2
     assert "unknown key(s) regg" in capsys.readouterr().err
     assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_export_of_the_amplified_model(full_run, tmp_path):
+    """export: true writes the best-step weights as a HF directory transformers loads."""
+    import cca_jax
+    import torch
+    import transformers
+
+    cfg, d, _ = full_run
+    shutil.copytree(d, tmp_path / "r", dirs_exist_ok=True)
+    cfg2 = runconfig.load(CONFIG, ["export=true", "amplify.eval_steps=[2,4,6]"])
+    pipeline.run(cfg2, tmp_path / "r", progress=False, log=lambda s: None)
+    out = tmp_path / "r" / "amplified"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = cca_jax.load_model(out)
+    ids = np.arange(3, 15)[None]
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jax.numpy.asarray(ids)).logits), ref, atol=1e-4)

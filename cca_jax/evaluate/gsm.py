@@ -64,7 +64,7 @@ def evaluate(
     desc: str = "eval",
 ) -> tuple[Accuracy, list[dict]]:
     """Greedy-generate an answer for every item and score it. Returns (accuracy, records)."""
-    from cca_jax.generate import generate
+    from cca_jax.generate import generate, stop_ids
 
     prompts = [encode(tokenizer, it.question, n_shots, chat_template) for it in items]
     records: list[dict | None] = [None] * len(items)
@@ -93,12 +93,9 @@ def evaluate(
             bar.update(len(indices))
             bar.set_postfix(acc=f"{n_correct / max(done, 1):.3f}")
 
-    eos = [model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else model.config.eos_token_id
-    if tokenizer.eos_token_id is not None:
-        eos = sorted(set(eos or ()) | {tokenizer.eos_token_id})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     generate(model, prompts, max_new_tokens, stop=answers.stop_rule(tokenizer), batch_size=batch_size,
-             eos_token_id=eos, pad_token_id=pad, on_batch=on_batch)
+             eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad, on_batch=on_batch)
     if bar is not None:
         bar.close()
     recs = [r for r in records if r is not None]
