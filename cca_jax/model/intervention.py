@@ -9,8 +9,10 @@ any q/k norm and before rope. Arrays carry a leading layer axis and an optional 
     replace_mask  shaped like ``scale`` (bool): which components take the replacement
     where    (B, T) bool: token positions (of this call's tokens) the intervention acts on
 
+    add      shaped like ``replace``: added last (a zero ``add`` gives activation gradients)
+
 Any key may be missing (that component type is left alone). At a selected position a
-component's activation becomes ``where(replace_mask, replace, act) * scale``.
+component's activation becomes ``where(replace_mask, replace, act) * scale + add``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Intervention:
     scale: Mapping[str, jax.Array] | None = None
     replace: Mapping[str, jax.Array] | None = None
     replace_mask: Mapping[str, jax.Array] | None = None
+    add: Mapping[str, jax.Array] | None = None  # shaped like ``replace``; added after scale
 
     @classmethod
     def at_last(cls, lengths: jax.Array, seq_len: int, **kw) -> "Intervention":
@@ -40,7 +43,7 @@ class Intervention:
     def layer_slices(self) -> dict:
         """The per-layer arrays, to be scanned over with the layer parameters."""
         out = {}
-        for name in ("scale", "replace", "replace_mask"):
+        for name in ("scale", "replace", "replace_mask", "add"):
             d = getattr(self, name)
             if d:
                 out[name] = {k: v for k, v in d.items()}
@@ -75,4 +78,7 @@ def apply(act: jax.Array, name: str, layer_iv: dict | None, where: jax.Array | N
         if head:
             s = s[..., None]
         act = jnp.where(sel, act * s.astype(act.dtype), act)
+    add = layer_iv.get("add", {}).get(name)
+    if add is not None:  # a zero ``add`` makes d(output)/d(activation) a gradient w.r.t. ``add``
+        act = jnp.where(sel, act + _per_example(add, b, act.shape[2:])[:, None].astype(act.dtype), act)
     return act
