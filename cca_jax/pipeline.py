@@ -214,16 +214,27 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                        "try more pivots.n_samples or other templates")
 
     # -- circuit -------------------------------------------------------------------------------
-    circ_key = _hash([loc_key, config.localize, dataclasses.asdict(config.dcm)])
+    method_cfg = config.dcm if config.localize == "dcm" else config.patching
+    circ_key = _hash([loc_key, config.localize, dataclasses.asdict(method_cfg)])
     circ_dir = stages.dir("circuit")
     if not stages.done("circuit", circ_key):
         t0 = time.perf_counter()
-        if config.localize != "dcm":
-            raise CCAError(f"localize: {config.localize!r} is not available (supported: dcm)")
-        res = dcm.train_mask(model, examples, config.dcm, pad_token_id=_pad(tok), progress=progress)
-        components.save(res.mask, circ_dir / "mask.npz")
-        np.savez(circ_dir / "m.npz", **res.m)
-        _write_json(circ_dir / "history.json", {"history": res.history, "stopped_early": res.stopped_early})
+        if config.localize == "dcm":
+            res = dcm.train_mask(model, examples, config.dcm, pad_token_id=_pad(tok), progress=progress)
+            components.save(res.mask, circ_dir / "mask.npz")
+            np.savez(circ_dir / "m.npz", **res.m)
+            _write_json(circ_dir / "history.json", {"history": res.history, "stopped_early": res.stopped_early})
+        elif config.localize in ("patching", "attribution"):
+            from cca_jax.cca import patching
+
+            pc = config.patching
+            eff = patching.effects_over_examples(model, examples, config.localize, pc.mode, pc.batch_size,
+                                                 pc.chunk, _pad(tok), progress)
+            np.savez(circ_dir / "effects.npz", **eff)
+            components.save(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by),
+                            circ_dir / "mask.npz")
+        else:
+            raise CCAError(f"localize must be dcm, patching or attribution, got {config.localize!r}")
         stages.finish("circuit", circ_key, time.perf_counter() - t0)
     mask = components.load(circ_dir / "mask.npz")
     components.check(mask, model.config)

@@ -41,16 +41,29 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PatchingConfig:
+    """How ``localize: patching | attribution`` scores and selects components."""
+
+    mode: str = "mean"  # zero | mean | counterfactual (another example of the same batch)
+    top_k: int | None = None  # circuit size; None -> fraction
+    fraction: float | None = 0.02
+    by: str = "neg"  # neg: components whose patch lowers the logit difference most | abs
+    batch_size: int = 8
+    chunk: int = 256  # components per vmapped call
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str
     dtype: str = "float32"
     tokenizer: str | None = None  # None: the model's own; "char": tiny test models
-    localize: str = "dcm"  # how the circuit is found
+    localize: str = "dcm"  # how the circuit is found: dcm | patching | attribution
     export: bool = False  # also write the amplified model as a HF directory (run_dir/amplified)
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     pivots: PivotConfig = PivotConfig()
     dcm: DCMConfig = DCMConfig()
+    patching: PatchingConfig = PatchingConfig()
     amplify: AmplifyConfig = AmplifyConfig()
 
     def to_dict(self) -> dict:
@@ -58,7 +71,7 @@ class RunConfig:
 
 
 _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm": DCMConfig,
-             "amplify": AmplifyConfig}
+             "patching": PatchingConfig, "amplify": AmplifyConfig}
 
 
 def _coerce(cls, name: str, value: Any) -> Any:

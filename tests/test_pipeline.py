@@ -134,3 +134,15 @@ def test_export_of_the_amplified_model(full_run, tmp_path):
     with torch.no_grad():
         ref = hf(torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours(jax.numpy.asarray(ids)).logits), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["patching", "attribution"])
+def test_pipeline_with_patching_circuits(full_run, tmp_path, method):
+    """localize: patching | attribution reuse the earlier stages and amplify their mask."""
+    cfg, d, _ = full_run
+    shutil.copytree(d, tmp_path / "r", dirs_exist_ok=True)
+    cfg2 = runconfig.load(CONFIG, [f"localize={method}", "patching.top_k=20"])
+    s = pipeline.run(cfg2, tmp_path / "r", progress=False, log=lambda m: None)
+    assert s["components_selected"] == 20
+    eff = np.load(tmp_path / "r" / "stages" / "circuit" / "effects.npz")
+    assert set(eff.files) == {"q", "k", "v", "mlp"}

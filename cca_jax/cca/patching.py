@@ -86,26 +86,34 @@ def _patch_chunk(cfg, params, cache, last, desired, undesired, values, idx):
 
 
 def patching_effects(cfg: ModelConfig, params, cache, last_tokens, desired, undesired, values: dict,
-                     chunk: int = 256, progress: bool = False) -> dict:
-    """Activation patching of every component (vmapped, ``chunk`` components per call)."""
+                     chunk: int = 256, progress: bool = False, indices=None) -> dict:
+    """Activation patching of every component (vmapped, ``chunk`` components per call).
+
+    indices: patch only these flat component indices (q, k, v, mlp order, row-major);
+    the others come back as NaN."""
     clean = float(_ld(_last(cfg, params, cache, last_tokens).logits[:, 0], desired, undesired))
     shapes, off = _offsets(cfg)
-    n = int(off[-1])
+    n_all = int(off[-1])
+    order = np.arange(n_all) if indices is None else np.asarray(indices)
+    n = len(order)
+    flat = np.full(n_all, np.nan, np.float32)
     out = np.zeros(n, np.float32)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="patching", unit="comp")
+    padded = np.concatenate([order, np.full((-n) % chunk, order[-1] if n else 0)])  # one shape
     for s in range(0, n, chunk):
-        idx = jnp.arange(s, s + chunk)  # the last chunk runs past n: those rows are ignored
+        idx = jnp.asarray(padded[s:s + chunk])
         vals = _patch_chunk(cfg, params, cache, last_tokens, desired, undesired, values, idx)
         out[s:min(s + chunk, n)] = np.asarray(vals)[: min(chunk, n - s)] - clean
         if bar is not None:
             bar.update(min(chunk, n - s))
     if bar is not None:
         bar.close()
-    return {t: out[off[i]:off[i + 1]].reshape(shapes[t]) for i, t in enumerate(TYPES)}
+    flat[order] = out
+    return {t: flat[off[i]:off[i + 1]].reshape(shapes[t]) for i, t in enumerate(TYPES)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kind"))
@@ -163,3 +171,33 @@ def select(effects: dict, top_k: int | None = None, fraction: float | None = Non
         out[t] = keep[o:o + n].reshape(np.shape(effects[t]))
         o += n
     return out
+
+
+def effects_over_examples(model, examples, method: str, mode: str = "mean", batch_size: int = 8,
+                          chunk: int = 256, pad_token_id: int = 0, progress: bool = False) -> dict:
+    """Effects averaged over batches of localization examples (example-weighted).
+
+    method: "patching" (vmapped, exact) or "attribution" (first-order estimate).
+    Counterfactual values are another example's activations in the same batch."""
+    from cca_jax.cca.dcm import prefix_cache
+    from cca_jax.cca.examples import batches
+
+    if method not in ("patching", "attribution"):
+        raise CCAError(f"method must be 'patching' or 'attribution', got {method!r}")
+    cfg, params = model.config, model.params()
+    total, n = None, 0
+    for b in batches(examples, batch_size, seed=0, pad=pad_token_id):
+        cache = prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask))
+        last, d, u = jnp.asarray(b.tokens[:, -1]), jnp.asarray(b.desired), jnp.asarray(b.undesired)
+        clean = last_activations(cfg, params, cache, last)
+        cf = {k: jnp.roll(v, 1, axis=1) for k, v in clean.items()} if mode == "counterfactual" else None
+        values = patch_values(clean, mode, cf)
+        if method == "patching":
+            eff = patching_effects(cfg, params, cache, last, d, u, values, chunk=chunk, progress=progress)
+        else:
+            eff = attribution_effects(cfg, params, cache, last, d, u, values, clean)
+        w = len(b.desired)
+        total = {k: w * np.asarray(v) for k, v in eff.items()} if total is None else \
+            {k: total[k] + w * np.asarray(eff[k]) for k in total}
+        n += w
+    return {k: v / n for k, v in total.items()}
