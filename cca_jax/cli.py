@@ -135,6 +135,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_circuit_compare(args) -> int:
+    from pathlib import Path
+
+    from cca_jax.cca import compare
+
+    res = compare.compare(args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(res, indent=2))
+    try:
+        compare.plot(res, out / "compare.png")
+    except ImportError:
+        pass  # matplotlib is in the [viz] extra
+    for p in res["pairs"]:
+        types = ", ".join(f"{t} {v:.2f}" for t, v in p["per_type"].items())
+        print(f"{p['a']} vs {p['b']}: Jaccard {p['overall']:.3f} ({types})")
+    for name, r in res["runs"].items():
+        for k, v in r.items():
+            if k.startswith("vs_top_effects_of:"):
+                print(f"{name} vs top components by effect ({k.split(':', 1)[1]}): Jaccard {v:.3f}")
+    print(f"wrote {out / 'compare.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cca-jax", description="Constructive Circuit Amplification in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32")
     s.add_argument("--out", default="runs/eval", help="output directory")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("circuit", help="inspect circuits of finished runs")
+    csub = s.add_subparsers(dest="circuit_cmd", required=True)
+    c = csub.add_parser("compare", help="Jaccard overlap between runs' circuits (per layer and type)")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--out", default="runs/compare", help="where compare.json and compare.png go")
+    c.set_defaults(func=cmd_circuit_compare)
 
     s = sub.add_parser("run", help="run CCA end to end from a YAML config (resumes if interrupted)")
     s.add_argument("config", help="a run config, e.g. configs/smollm2-135m.yaml")

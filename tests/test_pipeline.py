@@ -146,3 +146,26 @@ def test_pipeline_with_patching_circuits(full_run, tmp_path, method):
     assert s["components_selected"] == 20
     eff = np.load(tmp_path / "r" / "stages" / "circuit" / "effects.npz")
     assert set(eff.files) == {"q", "k", "v", "mlp"}
+
+
+def test_circuit_compare(full_run, tmp_path, capsys):
+    from cca_jax.cca import compare
+
+    cfg, d, _ = full_run
+    shutil.copytree(d, tmp_path / "att", dirs_exist_ok=True)
+    pipeline.run(runconfig.load(CONFIG, ["localize=attribution", "patching.top_k=40"]), tmp_path / "att",
+                 progress=False, log=lambda m: None)
+    assert cli.main(["circuit", "compare", str(d), str(tmp_path / "att"), "--out", str(tmp_path / "cmp")]) == 0
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    pair = res["pairs"][0]
+    a = components.load(d / "stages" / "circuit" / "mask.npz")
+    b = components.load(tmp_path / "att" / "stages" / "circuit" / "mask.npz")
+    flat = lambda m: np.concatenate([m[t].ravel() for t in components.TYPES])
+    assert pair["overall"] == pytest.approx((flat(a) & flat(b)).sum() / (flat(a) | flat(b)).sum())
+    assert len(pair["per_layer"]["mlp"]) == 2
+    # the attribution run's own mask is exactly its top-40 components by effect
+    assert res["runs"][str(tmp_path / "att")][f"vs_top_effects_of:{tmp_path / 'att'}"] == 1.0
+    assert (tmp_path / "cmp" / "compare.png").exists()
+    assert "Jaccard" in capsys.readouterr().out
+    assert compare.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+    assert cli.main(["circuit", "compare", str(d)]) == 2
