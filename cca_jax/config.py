@@ -9,7 +9,6 @@ message naming the field, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 from cca_jax.errors import CCAError, UnsupportedConfigError

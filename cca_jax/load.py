@@ -11,6 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from cca_jax import atomic
 from cca_jax import config as config_lib
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
@@ -114,9 +115,7 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike) -> Path:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(d / "params", model.params(), force=True)
     ckpt.wait_until_finished()
-    tmp = d / "model_config.json.tmp"
-    tmp.write_text(json.dumps(model.config.to_dict(), indent=2))
-    os.replace(tmp, d / "model_config.json")
+    atomic.write_json(d / "model_config.json", model.config.to_dict())
     return d
 
 

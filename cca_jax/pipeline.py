@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from cca_jax import atomic
 from cca_jax.cca import amplify as amp
 from cca_jax.cca import components, dcm, pivots
 from cca_jax.cca import examples as ex_lib
@@ -33,11 +34,7 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+_write_json = atomic.write_json
 
 
 def _read_json(path: Path):
@@ -129,9 +126,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     stages = Stages(run_dir)
     import yaml
 
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     timings: dict[str, float] = {}
 
     # -- model and data ----------------------------------------------------------------
@@ -268,7 +263,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
             state.best_step, state.best_val = 0, val0
             _save_tree(amp_dir / "best_master", state.master)
             spent = 0.0
-        bs = amp.examples_batches(examples, acfg, _pad(tok))
+        bs = ex_lib.batches(examples, acfg.batch_size, seed=0, pad=_pad(tok))
         apply = amp.step_fn(opt)
         bar = None
         if progress:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import cca_jax
-import tiny
 from cca_jax.cca import amplify as amp
 from cca_jax.cca import components
 from cca_jax.cca.examples import batches, make_batch

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import transformers
 
 from cca_jax import cli
 from cca_jax.char_tokenizer import char_tokenizer

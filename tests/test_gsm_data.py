@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from cca_jax.data import gsm_symbolic

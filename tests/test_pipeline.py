@@ -10,7 +10,6 @@ import pytest
 
 from cca_jax import cli, pipeline, runconfig
 from cca_jax.cca import components
-from cca_jax.errors import CCAError
 
 CONFIG = Path(__file__).parent.parent / "configs" / "tiny.yaml"
 

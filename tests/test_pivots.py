@@ -1,6 +1,5 @@
 """Pivotal tokens: prefix and (batched) branching on the tiny model with real judging."""
 
-import numpy as np
 import pytest
 
 import cca_jax

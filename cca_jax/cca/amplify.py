@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from cca_jax.cca import components
-from cca_jax.cca.examples import Batch, LocalizationExample, batches as make_batches
+from cca_jax.cca.examples import Batch
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.transformer import forward
@@ -45,15 +45,11 @@ class AmplifyConfig:
         components.targets_of(self.targets)
 
 
-class RowMaskState(NamedTuple):
-    pass
-
-
 def restrict_rows(update_masks) -> optax.GradientTransformation:
     """Multiply each update by its per-row mask (1 on circuit rows, 0 elsewhere)."""
 
     def init(params):
-        return RowMaskState()
+        return optax.EmptyState()
 
     def update(updates, state, params=None):
         return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, update_masks), state
@@ -145,6 +141,3 @@ def step_fn(optimizer):
 
     return apply
 
-
-def examples_batches(examples: Sequence[LocalizationExample], config: AmplifyConfig, pad: int) -> list[Batch]:
-    return make_batches(examples, config.batch_size, seed=0, pad=pad)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -140,18 +139,10 @@ def load_items(source: str, per_template: int = 50, seed: int = 0) -> list[Item]
 
 def write_jsonl(items: Iterable[Item | dict], path: str | os.PathLike) -> Path:
     """Write records atomically (a temporary file in the same directory, then a rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for it in items:
-                f.write(json.dumps(it.to_json() if isinstance(it, Item) else it) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    from cca_jax import atomic
+
+    return atomic.write_lines(path, (json.dumps(it.to_json() if isinstance(it, Item) else it) + "\n"
+                                     for it in items))
 
 
 def by_template(items: Sequence[Item]) -> dict[int, list[Item]]:

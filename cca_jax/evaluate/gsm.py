@@ -4,14 +4,13 @@ interval. Overall accuracy is the unweighted mean of per-template accuracies (SP
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from cca_jax import atomic
 from cca_jax.data import answers
 from cca_jax.data.gsm_symbolic import Item, by_template, write_jsonl
 from cca_jax.data.prompt import encode
@@ -107,10 +106,7 @@ def write_results(out_dir: str | os.PathLike, acc: Accuracy, records: Sequence[d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(records, out / "items.jsonl")
-    fd, tmp = tempfile.mkstemp(prefix=".results.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump({**meta, "accuracy": acc.to_json()}, f, indent=2)
-    os.replace(tmp, out / "results.json")
+    atomic.write_json(out / "results.json", {**meta, "accuracy": acc.to_json()})
     return out
 
 
