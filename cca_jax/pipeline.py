@@ -116,7 +116,9 @@ def _load_tree(path: Path, template):
 
 def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         on_amplify_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) CCA and return the summary (also written to summary.json)."""
+    """Run (or resume) CCA, or an SFT baseline (``config.method``), and return the summary
+    (also written to summary.json). ``on_amplify_step(step)`` is called after every
+    amplification or fine-tuning step."""
     from cca_jax import load_model
     from cca_jax.generate import stop_ids
     from cca_jax.models import source as model_source
@@ -177,6 +179,9 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     if not selected:
         raise CCAError(f"no template scores below data.select_threshold={config.data.select_threshold}: "
                        f"nothing to amplify (raise the threshold or use harder templates)")
+    if config.method != "cca":
+        return _run_sft(config, run_dir, stages, model, tok, splits, base, base_key, selected, evaluate,
+                        timings, progress, on_amplify_step, log)
 
     # -- localization data ----------------------------------------------------------------------
     loc_key = _hash([base_key, selected, dataclasses.asdict(config.pivots)])
@@ -330,6 +335,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     sel_test_after = _mean_over(test_after.per_template, selected)
     summary = {
         "model": config.model,
+        "method": "cca",
         "components_total": total,
         "components_selected": n_sel,
         "fraction_components": n_sel / total,
@@ -346,6 +352,10 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         "test_accuracy_selected_templates": {"before": sel_test_before, "after": sel_test_after},
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
+    return _write_summary(summary, run_dir, log)
+
+
+def _write_summary(summary: dict, run_dir: Path, log) -> dict:
     _write_json(run_dir / "summary.json", summary)
     try:
         from cca_jax import report
@@ -354,6 +364,144 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     except ImportError as err:  # matplotlib is in the [viz] extra
         log(f"plots skipped ({err}): pip install 'cca-jax[viz]'")
     return summary
+
+
+def _run_sft(config: RunConfig, run_dir: Path, stages: Stages, model, tok, splits, base, base_key, selected,
+             evaluate, timings, progress, on_step, log) -> dict:
+    """SPEC 5 baselines: fine-tune (full or LoRA) on the selected templates' train items,
+    keep the best step by val accuracy (step 0 = the base model), test it once."""
+    from cca_jax.baselines import lora as lora_lib
+    from cca_jax.baselines import sft
+
+    method, scfg, ev = config.method, config.sft, config.eval
+    train_items = [it for it in splits["train"] if it.template in set(selected)]
+    examples = sft.build_examples(tok, train_items, ev.shots, ev.chat_template, scfg.append_eos)
+    # the prompt part must be exactly what evaluation fed the model
+    fed = {(r["template"], r["instance"]): r["prompt_tokens"] for r in base["train"]}
+    for e in examples:
+        if list(e.prompt) != fed.get((e.template, e.instance)):
+            raise CCAError(f"template {e.template} instance {e.instance}: the training prompt differs from the "
+                           f"evaluated one (tokenizer or eval settings changed?): delete {stages.root}/base_eval")
+    T, P = sft.shapes(examples)
+    log(f"{method}: {len(examples)} training examples (padded to {T} tokens, {P} answer tokens)")
+
+    sft_key = _hash([base_key, selected, method, dataclasses.asdict(scfg), _hash(base["val"]),
+                     [[list(e.prompt), list(e.answer)] for e in examples]])
+    sft_dir = stages.dir("sft")
+    params = model.params()
+    dtype = model.dtype
+    state, frozen, opt = sft.init_state(method, params, scfg)
+    prog_f = sft_dir / "progress.json"
+    if not stages.done("sft", sft_key):
+        t_start = time.perf_counter()
+        if prog_f.exists() and _read_json(prog_f).get("key") == sft_key:
+            prog = _read_json(prog_f)
+            state.master = _load_tree(sft_dir / "state_master", state.master)
+            state.opt_state = _load_tree(sft_dir / "state_opt", state.opt_state)
+            state.step, state.history = prog["step"], prog["history"]
+            state.best_step, state.best_val = prog["best_step"], prog["best_val"]
+            spent = prog["seconds"]
+            log(f"resuming {method} at step {state.step}")
+        else:
+            for name in ("state_master", "state_opt", "best_master"):
+                shutil.rmtree(sft_dir / name, ignore_errors=True)
+            val0 = gsm.accuracy(base["val"]).overall
+            state.history = [{"step": 0, "val_accuracy": val0}]
+            state.best_step, state.best_val = 0, val0
+            _save_tree(sft_dir / "best_master", state.master)
+            spent = 0.0
+        step_fn = sft.make_step(method, scfg, model.config, opt, dtype)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=scfg.steps, initial=state.step, desc=method, unit="step")
+        while state.step < scfg.steps:
+            batch = sft.to_device(sft.step_batch(examples, scfg, state.step, T, P, _pad(tok)))
+            state.master, state.opt_state, loss, gnorm = step_fn(
+                state.master, state.opt_state, frozen, batch, sft.dropout_key(scfg, state.step))
+            state.step += 1
+            rec = {"step": state.step, "loss": float(loss), "grad_norm": float(gnorm)}
+            if scfg.is_eval_step(state.step):
+                m_now = model.with_params(sft.working_params(method, state.master, frozen, dtype, scfg))
+                acc, _ = evaluate(m_now, splits["val"], ev.max_new_tokens, f"val step {state.step}")
+                rec["val_accuracy"] = acc.overall
+                if acc.overall > state.best_val:
+                    state.best_step, state.best_val = state.step, acc.overall
+                    _save_tree(sft_dir / "best_master", state.master)
+                state.history.append(rec)
+                _save_tree(sft_dir / "state_master", state.master)
+                _save_tree(sft_dir / "state_opt", state.opt_state)
+                _write_json(prog_f, {"key": sft_key, "step": state.step, "history": state.history,
+                                     "best_step": state.best_step, "best_val": state.best_val,
+                                     "seconds": spent + time.perf_counter() - t_start})
+            else:
+                state.history.append(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", best=f"{state.best_val:.3f}@{state.best_step}")
+            if on_step is not None:
+                on_step(state.step)
+        if bar is not None:
+            bar.close()
+        stages.finish("sft", sft_key, spent + time.perf_counter() - t_start)
+    prog = _read_json(prog_f)
+    timings["sft"] = stages.seconds("sft")
+    best_master = _load_tree(sft_dir / "best_master", state.master)
+    best_params = sft.working_params(method, best_master, frozen, dtype, scfg)
+
+    test_key = _hash([sft_key, prog["best_step"]])
+    test_dir = stages.dir("test")
+    if not stages.done("test", test_key):
+        t0 = time.perf_counter()
+        _, recs = evaluate(model.with_params(best_params), splits["test"], ev.test_max_new_tokens, "test (best)")
+        gsm_symbolic.write_jsonl(recs, _records_path(test_dir, "test"))
+        stages.finish("test", test_key, time.perf_counter() - t0)
+    test_after = gsm.accuracy(_read_records(_records_path(test_dir, "test")))
+    timings["test_eval"] = stages.seconds("test")
+    if config.export:
+        from cca_jax import export_hf
+
+        t0 = time.perf_counter()
+        export_hf(model.with_params(best_params), run_dir / SFT_EXPORT_DIR, tokenizer=tok)
+        timings["export"] = time.perf_counter() - t0
+    test_before = gsm.accuracy(base["test"])
+
+    total = components.total(model.config)
+    every = components.full(model.config)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    summary = {
+        "model": config.model,
+        "method": method,
+        # fine-tuning may change every component
+        "components_total": total,
+        "components_selected": total,
+        "fraction_components": 1.0,
+        "components_per_layer": components.per_layer(every),
+        "fraction_parameters_changed": sft.fraction_parameters_changed(method, params, scfg),
+        "trainable_parameters": sft.trainable_parameters(method, state.master),
+        "total_parameters": n_params,
+        "train_examples": len(examples),
+        "selected_templates": selected,
+        "val_accuracy_by_step": {str(h["step"]): h["val_accuracy"] for h in prog["history"] if "val_accuracy" in h},
+        "loss_by_step": {str(h["step"]): h["loss"] for h in prog["history"] if "loss" in h},
+        "best_step": prog["best_step"],
+        "test_accuracy_before": test_before.to_json(),
+        "test_accuracy_after": test_after.to_json(),
+        "test_accuracy_selected_templates": {"before": _mean_over(test_before.per_template, selected),
+                                             "after": _mean_over(test_after.per_template, selected)},
+        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    if method == "sft_lora":
+        summary["lora"] = {"r": scfg.lora_r, "alpha": scfg.lora_alpha, "dropout": scfg.lora_dropout,
+                           "targets": list(scfg.lora_targets),
+                           "adapter_parameters": lora_lib.num_params(state.master)}
+    if config.export:
+        summary["export_dir"] = SFT_EXPORT_DIR
+    return _write_summary(summary, run_dir, log)
+
+
+SFT_EXPORT_DIR = "finetuned"
 
 
 def _mean_over(per_template: dict, templates) -> float | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from cca_jax.baselines.sft import SFTConfig
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.cca.dcm import DCMConfig
 from cca_jax.cca.pivots import PivotConfig
@@ -52,9 +53,13 @@ class PatchingConfig:
     chunk: int = 256  # components per vmapped call
 
 
+METHODS = ("cca", "sft_full", "sft_lora")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str
+    method: str = "cca"  # cca | sft_full | sft_lora (SPEC 5 baselines, configured by `sft:`)
     dtype: str = "float32"
     tokenizer: str | None = None  # None: the model's own; "char": tiny test models
     localize: str = "dcm"  # how the circuit is found: dcm | patching | attribution
@@ -65,13 +70,18 @@ class RunConfig:
     dcm: DCMConfig = DCMConfig()
     patching: PatchingConfig = PatchingConfig()
     amplify: AmplifyConfig = AmplifyConfig()
+    sft: SFTConfig = SFTConfig()
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise CCAError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm": DCMConfig,
-             "patching": PatchingConfig, "amplify": AmplifyConfig}
+             "patching": PatchingConfig, "amplify": AmplifyConfig, "sft": SFTConfig}
 
 
 def _coerce(cls, name: str, value: Any) -> Any:
