@@ -135,6 +135,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from cca_jax import methods_compare
+
+    _, md = methods_compare.write(args.runs, args.out)
+    print(md)
+    print(f"wrote {args.out}/compare.md, compare.json, compare.png")
+    return 0
+
+
 def cmd_circuit_compare(args) -> int:
     from pathlib import Path
 
@@ -156,6 +165,41 @@ def cmd_circuit_compare(args) -> int:
             if k.startswith("vs_top_effects_of:"):
                 print(f"{name} vs top components by effect ({k.split(':', 1)[1]}): Jaccard {v:.3f}")
     print(f"wrote {out / 'compare.json'}")
+    return 0
+
+
+def cmd_bench_tasks(args) -> int:
+    import time
+
+    from cca_jax import atomic, load_model
+    from cca_jax.errors import CCAError
+    from cca_jax.evaluate import tasks
+
+    data = tasks.prepare(args.tasks, limit=args.limit, data_dir=args.data_dir)  # errors before loading
+    model, tok = load_model(_source(args.model), dtype=args.dtype)
+    if args.tokenizer == "char":
+        from cca_jax.char_tokenizer import char_tokenizer
+
+        tok = char_tokenizer(model.config.vocab_size)
+    if tok is None:
+        raise CCAError(f"{args.model}: no tokenizer found; pass --tokenizer char for random test models")
+    t0 = time.perf_counter()
+    res = tasks.run_tasks(model, tok, data["tasks"], batch_size=args.batch_size, data=data,
+                          progress=not args.quiet, gsm8k_max_new_tokens=args.max_new_tokens)
+    meta = {"model": args.model, "dtype": args.dtype, "data_dir": data["data_dir"], "limit": args.limit,
+            "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
+    out = atomic.write_json(args.out, {**meta, "tasks": res})
+    for name, r in res.items():
+        print(f"{name}: {r['metric']} {r['score']:.4f} (n={r['n']}, {r['seconds']:.1f}s)")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cca_jax import demo
+
+    demo.run(args.out, model=args.model, templates=args.templates, overrides=args.set, config=args.config,
+             progress=not args.quiet)
     return 0
 
 
@@ -211,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="where compare.json and compare.png go")
     c.set_defaults(func=cmd_circuit_compare)
 
+    s = sub.add_parser("compare", help="CCA vs fine-tuning runs: test accuracy, size of the change, side effects")
+    s.add_argument("runs", nargs="+", help="finished run directories (cca, sft_full, sft_lora)")
+    s.add_argument("--out", default="runs/compare-methods", help="where compare.md/.json/.png go")
+    s.set_defaults(func=cmd_compare)
+
     s = sub.add_parser("run", help="run CCA end to end from a YAML config (resumes if interrupted)")
     s.add_argument("config", help="a run config, e.g. configs/smollm2-135m.yaml")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -218,6 +267,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (default runs/<config name>)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bench-tasks", help="side-effect benchmarks: MMLU, TruthfulQA MC1/MC2, TriviaQA, GSM8K")
+    s.add_argument("--model", required=True, help=src_help + ", or a model YAML")
+    s.add_argument("--tasks", default="mmlu,truthfulqa_mc1,truthfulqa_mc2,triviaqa,gsm8k",
+                   help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, triviaqa, gsm8k")
+    s.add_argument("--limit", type=int, help="at most N items per task (MMLU: round-robin over subjects)")
+    s.add_argument("--data-dir", help="evaluation data (default $CCA_JAX_EVAL_DATA, else ../shared/data/eval)")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation budget")
+    s.add_argument("--tokenizer", default="auto", choices=["auto", "char"],
+                   help="char: character tokenizer (random test models without one)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--out", required=True, help="results .json (written atomically)")
+    s.set_defaults(func=cmd_bench_tasks)
+
+    s = sub.add_parser("demo", help="CCA end to end on a small pretrained model from PyPI, offline, on CPU (resumable)")
+    s.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    s.add_argument("--model", choices=["qwen2.5-coder-0.5b", "smollm2-135m"],
+                   help="offline model (default: configs/demo.yaml's, qwen2.5-coder-0.5b)")
+    s.add_argument("--templates", help="a GSM-Symbolic template directory instead of the embedded templates, "
+                   "e.g. ../shared/data/gsm_symbolic/templates/symbolic")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set amplify.steps=4 (repeatable)")
+    s.add_argument("--config", help="a run config instead of configs/demo.yaml (e.g. configs/tiny.yaml)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo)
     return p
 
 

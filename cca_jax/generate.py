@@ -23,7 +23,7 @@ import numpy as np
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.cache import KVCache, init_cache
-from cca_jax.model.transformer import forward
+from cca_jax.model.transformer import forward, unstack_layers
 
 # A stop rule sees one row's generated ids and returns how many to keep, or None to go on.
 StopRule = Callable[[Sequence[int]], "int | None"]
@@ -128,7 +128,7 @@ def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
 
 def _tile_cache(cache: KVCache, batch: int) -> KVCache:
     return KVCache(
-        k=jnp.repeat(cache.k, batch, axis=1), v=jnp.repeat(cache.v, batch, axis=1),
+        k=tuple(jnp.repeat(k, batch, axis=0) for k in cache.k), v=tuple(jnp.repeat(v, batch, axis=0) for v in cache.v),
         pos=jnp.repeat(cache.pos, batch, axis=0), index=cache.index,
     )
 
@@ -187,7 +187,7 @@ def generate(
     if sampling.temperature > 0 and key is None:
         raise CCAError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
     key = key if key is not None else jax.random.key(0)
-    cfg, params = model.config, model.params()
+    cfg, params = model.config, unstack_layers(model.params())  # per-layer buffers: see unstack_layers
     dtype = model.dtype
     eos = jnp.asarray(_eos_ids(model, eos_token_id))
 

@@ -181,7 +181,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                        f"nothing to amplify (raise the threshold or use harder templates)")
     if config.method != "cca":
         return _run_sft(config, run_dir, stages, model, tok, splits, base, base_key, selected, evaluate,
-                        timings, progress, on_amplify_step, log)
+                        timings, progress, on_amplify_step, log, model_key)
 
     # -- localization data ----------------------------------------------------------------------
     loc_key = _hash([base_key, selected, dataclasses.asdict(config.pivots)])
@@ -352,7 +352,38 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         "test_accuracy_selected_templates": {"before": sel_test_before, "after": sel_test_after},
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
+    _add_side_effects(summary, config, stages, model, tok, best_params, model_key, test_key, progress, log)
     return _write_summary(summary, run_dir, log)
+
+
+def _add_side_effects(summary, config, stages, model, tok, params_after, model_key, after_key, progress, log):
+    """SPEC 5 benchmarks on the base model (a stage of its own, shared by reruns) and on
+    the final model; before/after/delta per task into the summary."""
+    se = config.side_effects
+    if not se.tasks:
+        return
+    from cca_jax.evaluate import tasks as tasks_lib
+
+    se_cfg = dataclasses.asdict(se)
+    tasks_lib.prepare(list(se.tasks), limit=se.limit, data_dir=se.data_dir)  # bad names/data fail before any work
+    out = {}
+    for name, m, key in (("side_effects_before", model, _hash([model_key, se_cfg])),
+                         ("side_effects_after", model.with_params(params_after), _hash([after_key, se_cfg]))):
+        d = stages.dir(name)
+        if not stages.done(name, key):
+            t0 = time.perf_counter()
+            res = tasks_lib.run_tasks(m, tok, list(se.tasks), limit=se.limit, data_dir=se.data_dir,
+                                      batch_size=se.batch_size, progress=progress,
+                                      gsm8k_max_new_tokens=se.gsm8k_max_new_tokens)
+            _write_json(d / "results.json", res)
+            stages.finish(name, key, time.perf_counter() - t0)
+        out[name] = {t: r["score"] for t, r in _read_json(d / "results.json").items()}
+        summary["timings_seconds"][name] = round(stages.seconds(name), 2)
+    before, after = out["side_effects_before"], out["side_effects_after"]
+    summary["side_effects"] = {t: {"before": before[t], "after": after[t], "delta": after[t] - before[t],
+                                   "n": _read_json(stages.dir("side_effects_after") / "results.json")[t]["n"]}
+                               for t in before}
+    log("side effects: " + ", ".join(f"{t} {v['before']:.3f} -> {v['after']:.3f}" for t, v in summary["side_effects"].items()))
 
 
 def _write_summary(summary: dict, run_dir: Path, log) -> dict:
@@ -367,7 +398,7 @@ def _write_summary(summary: dict, run_dir: Path, log) -> dict:
 
 
 def _run_sft(config: RunConfig, run_dir: Path, stages: Stages, model, tok, splits, base, base_key, selected,
-             evaluate, timings, progress, on_step, log) -> dict:
+             evaluate, timings, progress, on_step, log, model_key) -> dict:
     """SPEC 5 baselines: fine-tune (full or LoRA) on the selected templates' train items,
     keep the best step by val accuracy (step 0 = the base model), test it once."""
     from cca_jax.baselines import lora as lora_lib
@@ -498,6 +529,7 @@ def _run_sft(config: RunConfig, run_dir: Path, stages: Stages, model, tok, split
                            "adapter_parameters": lora_lib.num_params(state.master)}
     if config.export:
         summary["export_dir"] = SFT_EXPORT_DIR
+    _add_side_effects(summary, config, stages, model, tok, best_params, model_key, test_key, progress, log)
     return _write_summary(summary, run_dir, log)
 
 

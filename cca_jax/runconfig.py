@@ -57,6 +57,17 @@ METHODS = ("cca", "sft_full", "sft_lora")
 
 
 @dataclasses.dataclass(frozen=True)
+class SideEffectsConfig:
+    """Benchmarks run on the model before and after (SPEC 5): does the rest stay intact?"""
+
+    tasks: tuple[str, ...] = ()  # mmlu, truthfulqa_mc1, truthfulqa_mc2, triviaqa, gsm8k; () = skip
+    limit: int | None = None  # items per task (MMLU round-robin over subjects)
+    data_dir: str | None = None  # None: $CCA_JAX_EVAL_DATA or ../shared/data/eval
+    batch_size: int = 16
+    gsm8k_max_new_tokens: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str
     method: str = "cca"  # cca | sft_full | sft_lora (SPEC 5 baselines, configured by `sft:`)
@@ -71,6 +82,7 @@ class RunConfig:
     patching: PatchingConfig = PatchingConfig()
     amplify: AmplifyConfig = AmplifyConfig()
     sft: SFTConfig = SFTConfig()
+    side_effects: SideEffectsConfig = SideEffectsConfig()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,7 +93,8 @@ class RunConfig:
 
 
 _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm": DCMConfig,
-             "patching": PatchingConfig, "amplify": AmplifyConfig, "sft": SFTConfig}
+             "patching": PatchingConfig, "amplify": AmplifyConfig, "sft": SFTConfig,
+             "side_effects": SideEffectsConfig}
 
 
 def _coerce(cls, name: str, value: Any) -> Any:

@@ -37,12 +37,16 @@ class AmplifyConfig:
     update_using_mask: bool = True  # False: the ablation that updates all parameters
     batch_size: int = 8  # micro-batch for the full-batch gradient
     eval_steps: tuple[int, ...] = EVAL_STEPS
-    remat: bool = False
+    remat: bool | str = False  # True / a policy name of model.transformer.REMAT_POLICIES
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam"):
             raise CCAError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         components.targets_of(self.targets)
+        if self.remat is not False:
+            from cca_jax.model.transformer import remat_policy
+
+            remat_policy(self.remat)
 
 
 def restrict_rows(update_masks) -> optax.GradientTransformation:
@@ -107,10 +111,17 @@ def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n
     for b in batches:
         loss, g = _grad_sum(train, frozen, cfg, jnp.asarray(b.tokens), jnp.asarray(b.mask),
                             jnp.asarray(b.desired), jnp.asarray(b.undesired), remat)
-        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
+        total = _accumulate(total, g, 1.0 / n)
         total_loss += float(loss)
-    return total_loss / n, jax.tree.map(lambda x: x / n, total)
+    return total_loss / n, total
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate(total, g, scale):
+    """total + g * scale in float32, in place (one float32 copy of the gradient alive)."""
+    if total is None:
+        return jax.tree.map(lambda x: x.astype(jnp.float32) * scale, g)
+    return jax.tree.map(lambda t, x: t + x.astype(jnp.float32) * scale, total, g)
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.cache import init_cache
 from cca_jax.model.intervention import Intervention
-from cca_jax.model.transformer import forward
+from cca_jax.model.transformer import forward, unstack_layers
 
 MODES = ("reference", "fixed")
 
@@ -92,11 +92,35 @@ def prefix_cache(cfg: ModelConfig, params, tokens, mask):
 def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, undesired, reg, mode):
     """The same loss, running only the last position on top of the cached prefix."""
     B = last_tokens.shape[0]
+    # only the 2B logits the loss reads: (B, 2B) over [desired | undesired] ids
+    ids = jnp.concatenate([desired, undesired])
     out = forward(cfg, params, last_tokens[:, None], cache=cache, at=jnp.zeros((B, 1), jnp.int32),
-                  intervention=_scale_iv(m, jnp.ones((B, 1), bool)), final_softcap=(mode == "fixed"))
+                  intervention=_scale_iv(m, jnp.ones((B, 1), bool)), final_softcap=(mode == "fixed"), vocab=ids)
     lg = out.logits[:, 0]
     l1 = sum(jnp.sum(jnp.abs(v)) for v in m.values())
-    return -logit_diff(lg, desired, undesired, mode) + reg * l1
+    return -logit_diff(lg, jnp.arange(B), jnp.arange(B, 2 * B), mode) + reg * l1
+
+
+def make_optimizer(config: DCMConfig, batches_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with the learning rate times ``lr_decay`` every ``decay_every_epochs`` epochs."""
+    schedule = optax.exponential_decay(config.lr, transition_steps=config.decay_every_epochs * batches_per_epoch,
+                                       decay_rate=config.lr_decay, staircase=True)
+    return optax.adam(schedule)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt", "reg", "mode"))
+def mask_step(cfg: ModelConfig, opt, reg: float, mode: str, params, m: dict, state, cache, last, desired,
+              undesired):
+    """One DCM step on a cached batch: Adam on the mask, clamp to [0, 1]. Returns
+    (m, state, loss, kept). ``params`` is an argument, not a closure constant, so the
+    weights are never baked into the compiled program."""
+    loss, g = jax.value_and_grad(loss_cached, argnums=2)(cfg, params, m, cache, last, desired, undesired,
+                                                          reg, mode)
+    upd, state = opt.update(g, state, m)
+    m = optax.apply_updates(m, upd)
+    m = jax.tree.map(lambda x: jnp.clip(x, 0.0, 1.0), m)
+    kept = sum(jnp.sum(x > 0.5) for x in m.values())
+    return m, state, loss, kept
 
 
 @dataclasses.dataclass
@@ -120,25 +144,16 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     epoch) while not everything is kept; fixed: unchanged for a whole epoch."""
     if not examples:
         raise CCAError("DCM needs at least one localization example")
-    cfg, params = model.config, model.params()
+    cfg, params = model.config, unstack_layers(model.params())  # per-layer buffers: see unstack_layers
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
     caches = [prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
     n_b = len(bs)
-    schedule = optax.exponential_decay(config.lr, transition_steps=config.decay_every_epochs * n_b,
-                                       decay_rate=config.lr_decay, staircase=True)
-    opt = optax.adam(schedule)
+    opt = make_optimizer(config, n_b)
     m = components.full(cfg, 1.0)
     state = opt.init(m)
 
-    @jax.jit
     def step(m, state, cache, last, desired, undesired):
-        loss, g = jax.value_and_grad(loss_cached, argnums=2)(cfg, params, m, cache, last, desired, undesired,
-                                                              config.reg, config.mode)
-        upd, state = opt.update(g, state, m)
-        m = optax.apply_updates(m, upd)
-        m = jax.tree.map(lambda x: jnp.clip(x, 0.0, 1.0), m)
-        kept = sum(jnp.sum(x > 0.5) for x in m.values())
-        return m, state, loss, kept
+        return mask_step(cfg, opt, config.reg, config.mode, params, m, state, cache, last, desired, undesired)
 
     total = components.total(cfg)
     patience = patience_for(n_b, config.early_stop)

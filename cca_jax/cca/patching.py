@@ -24,7 +24,7 @@ from cca_jax.cca import components
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.intervention import Intervention
-from cca_jax.model.transformer import forward
+from cca_jax.model.transformer import forward, unstack_layers
 
 MODES = ("zero", "mean", "counterfactual")
 TYPES = components.TYPES
@@ -184,7 +184,7 @@ def effects_over_examples(model, examples, method: str, mode: str = "mean", batc
 
     if method not in ("patching", "attribution"):
         raise CCAError(f"method must be 'patching' or 'attribution', got {method!r}")
-    cfg, params = model.config, model.params()
+    cfg, params = model.config, unstack_layers(model.params())  # per-layer buffers: see unstack_layers
     total, n = None, 0
     for b in batches(examples, batch_size, seed=0, pad=pad_token_id):
         cache = prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask))

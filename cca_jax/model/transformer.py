@@ -12,12 +12,14 @@ Parameters (stacked over layers so the blocks run under ``lax.scan``)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from cca_jax.config import ModelConfig
 from cca_jax.model import intervention as iv_lib
@@ -84,6 +86,30 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+_name = checkpoint_name
+
+# What a rematerialised block keeps from its forward pass (the rest is recomputed):
+# full keeps only the block's input; dots keeps every weight matmul's output (attention
+# itself is recomputed); qkv_mlp keeps rotated q/k, v and the MLP's gate/up outputs;
+# qkv_mlp_out also keeps the attention and MLP outputs (only attention is recomputed).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_in"),
+    "qkv_mlp_out": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_in", "block_out"),
+}
+
+
+def remat_policy(remat: bool | str):
+    """The jax.checkpoint policy for ``remat`` (True = "full")."""
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        from cca_jax.errors import CCAError
+
+        raise CCAError(f"remat must be true, false or one of {', '.join(REMAT_POLICIES)}; got {remat!r}")
+    return REMAT_POLICIES[name]
+
+
 def _gather(x: jax.Array, at: jax.Array | None) -> jax.Array:
     """x (B, T, ...) -> (B, P, ...) at indices ``at`` (B, P)."""
     if at is None:
@@ -92,11 +118,58 @@ def _gather(x: jax.Array, at: jax.Array | None) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at):
-    """One attention sublayer. Returns (output, updated (k, v, layer) cache, activations).
+# Calls with at most this many new tokens on top of a cache (decoding, the DCM and
+# patching steps) read each layer's cached keys/values in place: see _attend_cached.
+SMALL_T = 8
 
-    kv_cache: None, or (k, v, layer): the full (L, B, S, KV, Dh) caches and this layer's
-    index. Only this call's new slice is written, so the cache is updated in place."""
+
+def _scores_mask(q_pos, kpos, sliding, cfg):
+    mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= q_pos[:, :, None])
+    if cfg.sliding_window:
+        in_window = q_pos[:, :, None] - kpos[:, None, :] < cfg.sliding_window
+        mask = mask & (in_window | ~sliding)
+    return mask  # (B, T, S)
+
+
+def _softmax_masked(s, mask, cfg):
+    s = softcap(s * cfg.scale, cfg.attn_logit_softcap)
+    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(s, axis=-1)
+    return jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0)  # padding queries
+
+
+def _attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding):
+    """Attention of a few new queries over the cached slots (read-only) and the new keys.
+
+    Keeping the cache read-only inside the layer scan (the new keys/values are written
+    once after it) means no gradient flows into the cache and the scan carries no copy of
+    it. qg (B,T,KV,G,Dh); k, v (B,T,KV,Dh); kc, vc (B,S,KV,Dh)."""
+    f32 = jnp.float32
+    s_c = jnp.einsum("btkgd,bskd->bkgts", qg, kc.astype(qg.dtype), preferred_element_type=f32)
+    # the new tokens' own scores and values as multiply-and-reduce (a few elements): as
+    # matmuls XLA merges them with the cached ones by concatenating keys/values to the
+    # cache, a copy of the whole layer cache per call (measured: a quarter of a decode step)
+    s_n = jnp.sum(qg.astype(f32)[:, :, None, :, :, :].transpose(0, 3, 4, 1, 2, 5)
+                  * k.astype(f32).transpose(0, 2, 1, 3)[:, :, None, None, :, :], axis=-1)  # (B, KV, G, T, T)
+    S = kc.shape[1]
+    mask = jnp.concatenate([_scores_mask(q_pos, kpos_old, sliding, cfg), _scores_mask(q_pos, kpos_new, sliding, cfg)],
+                           axis=-1)
+    probs = _softmax_masked(jnp.concatenate([s_c, s_n], axis=-1), mask, cfg)
+    p_c, p_n = probs[..., :S], probs[..., S:]
+    out_c = jnp.einsum("bkgts,bskd->btkgd", p_c.astype(vc.dtype), vc, preferred_element_type=f32)
+    out_n = jnp.sum(p_n.transpose(0, 3, 1, 2, 4)[..., None]
+                    * v.astype(f32).transpose(0, 2, 1, 3)[:, None, :, None, :, :], axis=-2)  # (B, T, KV, G, Dh)
+    return (out_c + out_n).astype(v.dtype)  # (B, T, KV, G, Dh)
+
+
+def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at):
+    """One attention sublayer. Returns (output, this layer's cache after the call, activations).
+
+    kv_cache: None (attend over this call's tokens); ("write", kc, vc, index): this
+    layer's (B, S, KV, Dh) buffers, this call's keys/values written at ``index`` and
+    attention over the whole buffer; ("read", kc, vc): the buffers read-only, attention
+    over them plus this call's keys (the caller writes the new keys/values afterwards,
+    so no gradient flows into the cache)."""
     B, T, _ = x.shape
     H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = jnp.einsum("btd,dhk->bthk", x, p["q"])
@@ -115,49 +188,74 @@ def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, w
     elif cfg.qk_norm == "full":  # olmo2: one norm over the whole projection
         q = rms_norm(q.reshape(B, T, H * Dh), p["q_norm"].reshape(-1), eps, False).reshape(B, T, H, Dh)
         k = rms_norm(k.reshape(B, T, KV * Dh), p["k_norm"].reshape(-1), eps, False).reshape(B, T, KV, Dh)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
-    if kv_cache is None:  # no cache: attend over this call's tokens
-        k_all, v_all = k, v
-    else:
-        ck, cv, layer = kv_cache
-        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
-        start = (layer, 0, k_pos[1], 0, 0)
-        ck = jax.lax.dynamic_update_slice(ck, k[None], start)
-        cv = jax.lax.dynamic_update_slice(cv, v[None], start)
-        k_all = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-        v_all = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-        kv_cache = (ck, cv, layer)
-    kpos = k_pos[0]  # (B, S) positions of the keys, -1 where invalid
+    q = _name(apply_rope(q, cos, sin), "qkv")
+    k = _name(apply_rope(k, cos, sin), "qkv")
+    v = _name(v, "qkv")
     G = H // KV
     qg = q.reshape(B, T, KV, G, Dh)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
-    s = softcap(s * cfg.scale, cfg.attn_logit_softcap)
-    mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= q_pos[:, :, None])
-    if cfg.sliding_window:
-        in_window = q_pos[:, :, None] - kpos[:, None, :] < cfg.sliding_window
-        mask = mask & (in_window | ~sliding)
-    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(s, axis=-1)
-    probs = jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0)  # padding queries
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_all.dtype), v_all).reshape(B, T, H, Dh)
+    if kv_cache is not None and kv_cache[0] == "read":
+        _, kc, vc = kv_cache
+        k, v = k.astype(kc.dtype), v.astype(vc.dtype)
+        kpos_old, kpos_new = k_pos
+        out = _attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding).reshape(B, T, H, Dh)
+        new_kv = (k, v)
+    else:
+        if kv_cache is None:
+            k_all, v_all, new_kv = k, v, None
+        else:
+            _, kc, vc, index = kv_cache
+            k_all = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, index, 0, 0))
+            new_kv = (k_all, v_all)
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
+        probs = _softmax_masked(s, _scores_mask(q_pos, k_pos, sliding, cfg), cfg)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_all.dtype), v_all).reshape(B, T, H, Dh)
     out = jnp.einsum("bthd,hdm->btm", out.astype(x.dtype), p["o"])
     if cfg.o_bias:
         out = out + p["o_bias"]
-    return out, kv_cache, acts
+    return _name(out, "block_out"), new_kv, acts
 
 
 def _mlp(cfg, p, x, layer_iv, where, collect, at):
-    g = x @ p["gate"]
-    u = x @ p["up"]
+    if "gate_up" in p:  # per-layer form (unstack_layers): one matmul over [gate | up]
+        g, u = jnp.split(x @ p["gate_up"], 2, axis=-1)
+    else:
+        g = x @ p["gate"]
+        u = x @ p["up"]
     if cfg.mlp_bias:
         g, u = g + p["gate_bias"], u + p["up_bias"]
+    g, u = _name(g, "mlp_in"), _name(u, "mlp_in")
     h = activation(cfg.hidden_act, g) * u
     h = iv_lib.apply(h, "mlp", layer_iv, where)
     out = h @ p["down"]
     if cfg.mlp_bias:
         out = out + p["down_bias"]
-    return out, ({"mlp": _gather(h, at)} if collect else {})
+    return _name(out, "block_out"), ({"mlp": _gather(h, at)} if collect else {})
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same parameters with ``layers`` as a tuple of per-layer dicts (a copy of the
+    layer weights). ``forward`` accepts either form; memory-bound calls (decoding, the
+    DCM and patching steps) run faster on this one because each matmul then reads its
+    weight buffer in place instead of a slice copied out of the stacked array."""
+    if isinstance(params["layers"], (list, tuple)):
+        return params
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": _split_layers(layers, n)}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_layers(layers, n: int):
+    out = []
+    for i in range(n):
+        lp = jax.tree.map(lambda a, i=i: a[i], layers)
+        # gate and up side by side: XLA otherwise merges the two matmuls by concatenating
+        # the weights anew on every call (a quarter of a decode step, measured)
+        mlp = {k: v for k, v in lp["mlp"].items() if k not in ("gate", "up")}
+        mlp["gate_up"] = jnp.concatenate([lp["mlp"]["gate"], lp["mlp"]["up"]], axis=-1)
+        out.append({**lp, "mlp": mlp})
+    return tuple(out)
 
 
 def forward(
@@ -173,6 +271,7 @@ def forward(
     collect: bool = False,
     remat: bool = False,
     final_softcap: bool = True,
+    vocab: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder on ``tokens`` (B, T).
 
@@ -182,9 +281,12 @@ def forward(
     cache: when given, this call's keys/values are written at ``cache.index`` and attention
         covers everything the cache holds; the updated cache is returned.
     at: (B, P) indices into this call's tokens: logits (and activations) only there.
+    vocab: (K,) token ids: logits only for these (B, P, K); a loss that reads a few
+        logits then skips the rest of the output matmul and its gradient.
     intervention: scale/replace components (see ``Intervention``); None = plain forward.
     collect: also return per-component activations (and the residual stream) at ``at``.
-    remat: recompute each block in the backward pass (less memory for gradient steps).
+    remat: recompute each block in the backward pass (less memory for gradient steps):
+        True (= "full") or a name in ``REMAT_POLICIES`` saying what to keep.
     final_softcap: False returns the lm-head output before Gemma-2's final soft-cap (what
         the original DCM code reads; see SPEC 3).
     """
@@ -198,9 +300,8 @@ def forward(
     kpos_new = jnp.where(mask, positions, -1)
     if cache is not None:
         kpos_all = jax.lax.dynamic_update_slice_in_dim(cache.pos, kpos_new, cache.index, axis=1)
-        write = cache.index
     else:
-        kpos_all, write = kpos_new, None
+        kpos_all = kpos_new
 
     dtype = params["embed"].dtype
     x = params["embed"][tokens]
@@ -216,16 +317,15 @@ def forward(
     sliding = jnp.asarray(np.array(cfg.sliding_layers, bool))
     eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
 
-    def block(carry, xs):
-        x, kv = carry
-        lp, is_sliding, layer, layer_iv = xs
+    small = cache is not None and T <= SMALL_T  # read the cache in place, write after the layers
+
+    def block(x, xs):
+        lp, is_sliding, layer_iv, kv_arg, kpos_arg = xs
         c = jnp.where(is_sliding, cos_l, cos) if cfg.rope_local is not None else cos
         s_ = jnp.where(is_sliding, sin_l, sin) if cfg.rope_local is not None else sin
         h = rms_norm(x, lp["attn_norm"], eps, plus) if cfg.pre_attn_norm else x
-        a, kv_layer, acts = _attention(
-            cfg, lp["attn"], h, positions, None if kv is None else (*kv, layer), (kpos_all, write), is_sliding, c, s_,
-            layer_iv, where, collect, at,
-        )
+        a, kv_layer, acts = _attention(cfg, lp["attn"], h, positions, kv_arg, kpos_arg, is_sliding, c, s_,
+                                       layer_iv, where, collect, at)
         if cfg.post_attn_norm:
             a = rms_norm(a, lp["post_attn_norm"], eps, plus)
         x = x + a
@@ -236,26 +336,52 @@ def forward(
         x = x + m
         if collect:
             acts = {**acts, **macts, "resid": _gather(x, at)}
-        kv = None if kv is None else kv_layer[:2]
-        return (x, kv), acts
+        return x, (acts, kv_layer)
 
     if remat:
-        block = jax.checkpoint(block)
-    kv = (cache.k, cache.v) if cache is not None else None
+        block = jax.checkpoint(block, policy=remat_policy(remat))
     x_in = x
-    layer_ids = jnp.arange(cfg.num_layers)
-    (x, kv), acts = jax.lax.scan(block, (x, kv), (params["layers"], sliding, layer_ids, layer_ivs))
+    layers = params["layers"]
+    per_layer = isinstance(layers, (list, tuple))
+    new_cache = None
+    if cache is None and not per_layer:
+        # no cache: one compiled block scanned over the stacked layers
+        x, (acts, _) = jax.lax.scan(lambda x, xs: block(x, (*xs, None, kpos_new)), x, (layers, sliding, layer_ivs))
+    else:
+        # With a cache (or per-layer weights, see unstack_layers) the layers run unrolled,
+        # each reading its own buffers: inside a scan XLA copies every layer's weights and
+        # cache out of the stacked arrays before each matmul.
+        ys = []
+        for i in range(cfg.num_layers):
+            lp = layers[i] if per_layer else jax.tree.map(lambda a, i=i: a[i], layers)
+            liv = None if layer_ivs is None else jax.tree.map(lambda a, i=i: a[i], layer_ivs)
+            if cache is None:
+                kv_arg, kpos_arg = None, kpos_new
+            elif small:
+                kv_arg, kpos_arg = ("read", cache.k[i], cache.v[i]), (cache.pos, kpos_new)
+            else:
+                kv_arg, kpos_arg = ("write", cache.k[i], cache.v[i], cache.index), kpos_all
+            x, y = block(x, (lp, sliding[i], liv, kv_arg, kpos_arg))
+            ys.append(y)
+        acts = jax.tree.map(lambda *a: jnp.stack(a), *[y[0] for y in ys])
+        if cache is not None:
+            kvs = [y[1] for y in ys]
+            if small:  # this call's keys/values into their slots, in place
+                kvs = [tuple(jax.lax.dynamic_update_slice(full, new, (0, cache.index, 0, 0))
+                             for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
+            new_cache = KVCache(k=tuple(kv[0] for kv in kvs), v=tuple(kv[1] for kv in kvs), pos=kpos_all,
+                                index=cache.index + T)
 
     h = _gather(x, at)
     h = rms_norm(h, params["final_norm"], eps, plus)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    if vocab is None:
+        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    else:
+        head = params["embed"][vocab].T if cfg.tie_word_embeddings else params["lm_head"][:, vocab]
     logits = jnp.einsum("bpd,dv->bpv", h, head.astype(dtype), preferred_element_type=jnp.float32)
     if final_softcap:
         logits = softcap(logits, cfg.final_logit_softcap)
 
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(k=kv[0], v=kv[1], pos=kpos_all, index=cache.index + T)
     if collect:
         acts["resid"] = jnp.concatenate([_gather(x_in, at)[None], acts["resid"]], axis=0)
     return ForwardOutput(logits=logits, cache=new_cache, activations=acts if collect else None)

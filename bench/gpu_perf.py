@@ -1,0 +1,371 @@
+"""cca_jax vs the PyTorch baseline on one GPU, in one call: the CCA hot loops on a
+randomly initialised gemma-2-2b (bfloat16), with the hardware's limits measured alongside.
+
+    python bench/gpu_perf.py [--baseline ../shared/bench/torch_baseline.py] [--out DIR]
+
+Each measurement runs in its own subprocess (peak device memory is per process, and JAX
+and PyTorch never share the card), then one table is printed:
+
+- DCM mask step, batch 8 x 1,024-token prefixes: cca_jax runs the last position on top
+  of the cached prefix (SPEC 3: exact, the mask acts only there); the cache is built once
+  per batch and reused every epoch, so its cost is shown amortised over one epoch (the
+  worst case: each cache used once) and over the config's 50 epochs.
+- amplification gradient step, batch 8 x 1,024, and its peak device memory;
+- greedy generation, batch 32, 896-token prompts, 128 new tokens (EOS ignored), plain and
+  with a shared 850-token few-shot context;
+- the limits: bytes per decode step over the measured copy bandwidth, training FLOPs over
+  the measured bf16 matrix-product rate, both measured in this call;
+- gemma-2-9b: the DCM and amplification steps at batch 8 x 1,024 on the same GPU.
+
+Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"gemma-2-2b": ROOT / "configs/models/gemma-2-2b.yaml", "gemma-2-9b": ROOT / "configs/models/gemma-2-9b.yaml",
+          "tiny": ROOT / "configs/models/tiny-llama.yaml"}  # tiny: a CPU smoke test of the script
+BATCH, SEQ, GEN_BATCH, GEN_PROMPT, GEN_NEW, SHARED = 8, 1024, 32, 896, 128, 850
+DCM_EPOCHS, DCM_BATCHES = 50, 26
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _median_time(fn, warm: int = 2, reps: int = 5) -> float:
+    import jax
+
+    for _ in range(warm):
+        jax.block_until_ready(fn())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def _peak_gib() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def _model(name: str):
+    from cca_jax import load_model
+
+    model, _ = load_model(MODELS[name], dtype="bfloat16", with_tokenizer=False)
+    return model
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _random_tokens(key, shape, vocab):
+    import jax
+
+    return jax.random.randint(key, shape, 3, vocab)
+
+
+# --------------------------------------------------------------------------------- parts
+
+def part_limits(_name: str) -> dict:
+    """Copy bandwidth (bytes read + written) and the bf16 matrix-product rate."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 1 << 30  # 1 Gi bf16 elements = 2 GiB each way
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    c = jnp.asarray(1.0, jnp.bfloat16)
+    copy = jax.jit(lambda x, c: x + c)  # elementwise: one read, one write, cannot be elided
+    t = _median_time(lambda: copy(x, c), warm=2, reps=10)
+    bw = 2 * n * 2 / t
+    del x
+    m = 8192
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    tm = _median_time(lambda: mm(a, b), warm=3, reps=20)
+    return {"copy_bandwidth_GBps": bw / 1e9, "bf16_matmul_TFLOPs": 2 * m ** 3 / tm / 1e12,
+            "device": str(jax.devices()[0].device_kind)}
+
+
+def _flops_train_step(cfg, B: int, T: int, targets=("q", "k", "v", "up")) -> float:
+    """Matrix-product FLOPs of one amplification step (forward, input gradients everywhere,
+    weight gradients of the target leaves only; remat recomputation not counted)."""
+    D, H, KV, Dh, F, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
+    per_w = {"q": D * H * Dh, "k": D * KV * Dh, "v": D * KV * Dh, "o": H * Dh * D, "gate": D * F, "up": D * F,
+             "down": F * D}
+    tokens = B * T
+    proj = 2 * tokens * L * sum(per_w.values())
+    attn = 2 * 2 * B * L * H * Dh * T * (T + 1) / 2  # scores and values, causal
+    head = 2 * B * cfg.hidden_size * cfg.vocab_size  # last position only
+    fwd = proj + attn + head
+    bwd_x = proj + 2 * attn + head
+    bwd_w = 2 * tokens * L * sum(per_w[t] for t in targets)
+    return fwd + bwd_x + bwd_w
+
+
+def part_dcm(name: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from cca_jax.cca import components, dcm
+    from cca_jax.model.transformer import unstack_layers
+
+    model = _model(name)
+    cfg, params = model.config, unstack_layers(model.params())  # as dcm.train_mask runs it
+    del model
+    k = jax.random.split(jax.random.key(0), 3)
+    tokens = _random_tokens(k[0], (BATCH, SEQ), cfg.vocab_size)
+    mask = jnp.ones((BATCH, SEQ), bool)
+    desired = _random_tokens(k[1], (BATCH,), cfg.vocab_size)
+    undesired = _random_tokens(k[2], (BATCH,), cfg.vocab_size)
+    t_cache = _median_time(lambda: dcm.prefix_cache(cfg, params, tokens, mask), warm=1, reps=5)
+    cache = dcm.prefix_cache(cfg, params, tokens, mask)
+    config = dcm.DCMConfig()
+    opt = dcm.make_optimizer(config, DCM_BATCHES)
+    m = components.full(cfg, 1.0)
+    state = opt.init(m)
+    last = tokens[:, -1]
+    holder = {"m": m, "state": state}
+
+    def step():
+        out = dcm.mask_step(cfg, opt, config.reg, config.mode, params, holder["m"], holder["state"], cache, last,
+                            desired, undesired)
+        holder["m"], holder["state"] = out[0], out[1]
+        return out[2]
+
+    t_step = _median_time(step, warm=3, reps=20)
+    # fewest bytes: weights read in the forward and again in the backward, the cached
+    # keys/values read twice too
+    kv_bytes = _tree_bytes((cache.k, cache.v))
+    w_bytes = _tree_bytes(params)
+    return {"dcm_step_s": t_step, "cache_batch_s": t_cache,
+            "dcm_step_amortised_1_epoch_s": t_step + t_cache,
+            "dcm_step_amortised_50_epochs_s": t_step + t_cache / DCM_EPOCHS,
+            "dcm_step_bytes_floor": 2 * (w_bytes + kv_bytes), "peak_GiB": _peak_gib()}
+
+
+def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None) -> dict:
+    import jax
+    import numpy as np
+
+    from cca_jax.cca import amplify as amp
+    from cca_jax.cca import components
+    from cca_jax.cca.examples import Batch
+
+    model = _model(name)
+    cfg, params = model.config, model.params()
+    rng = np.random.default_rng(0)
+    # a ~3% circuit (the row mask does not change the work, only which rows move)
+    mask = {k: rng.random(s) < 0.03 for k, s in components.shapes(cfg).items()}
+    acfg = amp.AmplifyConfig(remat=remat)
+    sel, row_masks = amp.selection_and_masks(mask, params, acfg)
+    opt = amp.make_optimizer(acfg, row_masks)
+    state, frozen = amp.init_state(params, sel, opt)
+    del params
+    tokens = rng.integers(3, cfg.vocab_size, (BATCH, SEQ), dtype=np.int32)
+    batch = Batch(tokens, np.ones((BATCH, SEQ), bool), rng.integers(3, cfg.vocab_size, BATCH, dtype=np.int32),
+                  rng.integers(3, cfg.vocab_size, BATCH, dtype=np.int32))
+    apply = amp.step_fn(opt)
+    dtype = model.dtype
+    holder = {"master": state.master, "opt": state.opt_state}
+
+    def step():  # exactly the pipeline's amplification step
+        train_now = jax.tree.map(lambda x: x.astype(dtype), holder["master"])
+        _, grad = amp.full_batch_grad(cfg, train_now, frozen, [batch], BATCH, remat)
+        holder["master"], holder["opt"] = apply(holder["master"], holder["opt"], grad)
+        return holder["master"]
+
+    t = _median_time(step, warm=2, reps=5)
+    if trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(2):
+                jax.block_until_ready(step())
+    flops = _flops_train_step(cfg, BATCH, SEQ, acfg.targets)
+    return {"amplify_step_s": t, "remat": remat, "train_flops": flops, "peak_GiB": _peak_gib()}
+
+
+def part_generate(name: str, shared: bool) -> dict:
+    import jax
+    import numpy as np
+
+    from cca_jax.generate import generate
+
+    model = _model(name)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    if shared:
+        ctx = rng.integers(3, cfg.vocab_size, SHARED).tolist()
+        prompts = [ctx + rng.integers(3, cfg.vocab_size, GEN_PROMPT - SHARED).tolist() for _ in range(GEN_BATCH)]
+    else:
+        prompts = [rng.integers(3, cfg.vocab_size, GEN_PROMPT).tolist() for _ in range(GEN_BATCH)]
+
+    def run():
+        out = generate(model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH)
+        assert all(len(o) == GEN_NEW for o in out)
+        return jax.numpy.zeros(())
+
+    t = _median_time(run, warm=1, reps=3)
+    params = model.params()
+    w_bytes = _tree_bytes(params) - params["embed"].size * params["embed"].dtype.itemsize * 0  # tied head reads it all
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    mean_len = GEN_PROMPT + GEN_NEW / 2
+    if shared:  # the shared context need only be read once per step, not once per row
+        kv_bytes = kv_per_token * (SHARED + GEN_BATCH * (mean_len - SHARED))
+    else:
+        kv_bytes = kv_per_token * GEN_BATCH * mean_len
+    return {"gen_s": t, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t, "decode_bytes_per_step_floor": w_bytes + kv_bytes,
+            "prefill_flops": 2 * GEN_BATCH * (GEN_PROMPT - (SHARED if shared else 0)) * _matmul_params(cfg),
+            "peak_GiB": _peak_gib()}
+
+
+def _matmul_params(cfg) -> int:
+    D, H, KV, Dh, F, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
+    return L * (D * H * Dh * 2 + 2 * D * KV * Dh + 3 * D * F)
+
+
+PARTS = {
+    "limits": lambda n: part_limits(n),
+    "dcm": lambda n: part_dcm(n),
+    "amplify": lambda n: part_amplify(n, remat=False),
+    "amplify_remat": lambda n: part_amplify(n, remat=True),
+    **{f"amplify_{k}": (lambda n, k=k: part_amplify(n, remat=k)) for k in ("dots", "qkv_mlp", "qkv_mlp_out")},
+    "generate": lambda n: part_generate(n, shared=False),
+    "generate_shared": lambda n: part_generate(n, shared=True),
+}
+
+
+# ------------------------------------------------------------------------------ driver
+
+def _sub(args: list[str], timeout: float) -> dict:
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        oom = "RESOURCE_EXHAUSTED" in proc.stderr or "out of memory" in proc.stderr.lower()
+        return {"error": "OOM" if oom else " | ".join(tail)}
+    out = json.loads(lines[-1])
+    out["wall_s"] = time.perf_counter() - t
+    return out
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else (x if isinstance(x, str) else format(x, spec))
+
+
+def _ratio(base, ours):
+    if isinstance(base, (int, float)) and isinstance(ours, (int, float)) and ours > 0:
+        return base / ours
+    return None
+
+
+def report(r: dict) -> str:
+    lim, base = r.get("limits", {}), r.get("baseline", {})
+    bw = lim.get("copy_bandwidth_GBps", 0) * 1e9 or None
+    mm = lim.get("bf16_matmul_TFLOPs", 0) * 1e12 or None
+    rows = []
+
+    def row(what, b, ours, ratio, frac, note=""):
+        rows.append(f"| {what} | {_fmt(b)} | {_fmt(ours)} | {_fmt(ratio, '.1f')}x | {_fmt(frac, '.0%')} | {note} |")
+
+    d = r.get("dcm", {})
+    if "dcm_step_s" in d:
+        floor = d["dcm_step_bytes_floor"] / bw if bw else None
+        b = base.get("dcm_step_s_masks_only")
+        bw_ = base.get("dcm_step_s_weights_grad")
+        row("DCM mask step (s), cached prefix", b, d["dcm_step_s"], _ratio(b, d["dcm_step_s"]),
+            floor / d["dcm_step_s"] if floor else None, f"vs weights-grad baseline {_fmt(_ratio(bw_, d['dcm_step_s']), '.1f')}x")
+        row("DCM step + prefix caching over 1 epoch (s)", b, d["dcm_step_amortised_1_epoch_s"],
+            _ratio(b, d["dcm_step_amortised_1_epoch_s"]), None, f"caching one batch {d['cache_batch_s']:.3f} s")
+        row(f"DCM step + caching over {DCM_EPOCHS} epochs (s)", b, d["dcm_step_amortised_50_epochs_s"],
+            _ratio(b, d["dcm_step_amortised_50_epochs_s"]), None, "")
+    elif "dcm" in r:
+        row("DCM mask step (s)", base.get("dcm_step_s_masks_only"), d.get("error"), None, None)
+    for key, label in [("amplify", "amplification grad step (s)"), ("amplify_remat", "amplification grad step, remat (s)")] + [
+            (f"amplify_{k}", f"amplification grad step, remat {k} (s)") for k in ("dots", "qkv_mlp", "qkv_mlp_out")]:
+        a = r.get(key, {})
+        if "amplify_step_s" in a:
+            floor = a["train_flops"] / mm if mm else None
+            b = base.get("update_step_s")
+            row(label, b, a["amplify_step_s"], _ratio(b, a["amplify_step_s"]), floor / a["amplify_step_s"] if floor else None,
+                f"peak {_fmt(a['peak_GiB'], '.1f')} GiB vs baseline {_fmt(base.get('peak_mem_GiB_train'), '.1f')} GiB")
+        elif key in r:
+            row(label, base.get("update_step_s"), a.get("error"), None, None)
+    for key, label in (("generate", "greedy generation (tok/s)"), ("generate_shared", "greedy generation, shared 850-token context (tok/s)")):
+        g = r.get(key, {})
+        if "gen_tokens_per_s" in g:
+            b = base.get("gen_tokens_per_s")
+            # the decode floor only (prefill at the matmul rate added): tokens/s ceiling
+            floor_s = GEN_NEW * g["decode_bytes_per_step_floor"] / bw + g["prefill_flops"] / mm if bw and mm else None
+            ratio = g["gen_tokens_per_s"] / b if isinstance(b, (int, float)) else None
+            row(label, b, g["gen_tokens_per_s"], ratio, floor_s / g["gen_s"] if floor_s else None,
+                f"{g['gen_s']:.3f} s for {GEN_BATCH}x{GEN_NEW}")
+        elif key in r:
+            row(label, base.get("gen_tokens_per_s"), g.get("error"), None, None)
+    for key in ("dcm_9b", "amplify_remat_9b"):
+        if key in r:
+            v = r[key]
+            t = v.get("dcm_step_s", v.get("amplify_step_s"))
+            row(f"gemma-2-9b {key.replace('_9b', '')} step (s)", "OOM (baseline README)", t if t is not None else v.get("error"),
+                None, None, f"peak {_fmt(v.get('peak_GiB'), '.1f')} GiB" if t is not None else "")
+    head = ("| measurement | torch baseline | cca_jax | speed-up | of hardware limit | notes |\n"
+            "|---|---|---|---|---|---|")
+    lim_line = (f"limits measured in this call on {lim.get('device', '?')}: copy {_fmt(lim.get('copy_bandwidth_GBps'), '.0f')} GB/s, "
+                f"bf16 matmul {_fmt(lim.get('bf16_matmul_TFLOPs'), '.0f')} TFLOP/s")
+    return "\n".join([lim_line, head, *rows])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=list(PARTS), help="run one measurement and print it as JSON")
+    ap.add_argument("--model", default="gemma-2-2b", choices=list(MODELS))
+    ap.add_argument("--baseline", default=str(ROOT.parent / "shared/bench/torch_baseline.py"))
+    ap.add_argument("--only", default="limits,dcm,amplify_dots,amplify_remat,generate,generate_shared,baseline",
+                    help="comma-separated parts for the driver")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--timeout", type=float, default=400)
+    args = ap.parse_args()
+    if args.part:
+        print(json.dumps(PARTS[args.part](args.model)))
+        return
+    only = args.only.split(",")
+    results: dict = {}
+    me = [sys.executable, str(Path(__file__).resolve())]
+    for part in only:
+        if part == "baseline":
+            if not Path(args.baseline).exists():
+                results["baseline"] = {"error": f"no baseline script at {args.baseline}"}
+            else:
+                results["baseline"] = _sub([sys.executable, args.baseline, "gemma-2-2b"], args.timeout)
+        elif part == "9b":
+            for p in ("dcm", "amplify_remat"):
+                results[f"{p}_9b"] = _sub(me + ["--part", p, "--model", "gemma-2-9b"], args.timeout)
+        else:
+            results[part] = _sub(me + ["--part", part, "--model", args.model], args.timeout)
+        print(f"[{part}] {json.dumps(results.get(part, {k: v for k, v in results.items() if k.endswith('_9b')}))}",
+              flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_perf.json").write_text(json.dumps(results, indent=1))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Where the time goes: the pieces of generation, the DCM step and the amplification step
+timed alone on gemma-2-2b (bf16), with their compiled HLO written to $OUT for reading.
+
+    python bench/gpu_probe.py [--out DIR] [--parts prefill,decode,dcm,amplify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, SEQ, _median_time, _model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--model", default="gemma-2-2b")
+    ap.add_argument("--parts", default="prefill,decode,dcm,amplify")
+    ap.add_argument("--policy", default="dots", help="amplify remat policy")
+    ap.add_argument("--trace", action="store_true", help="also write a jax.profiler trace of each part")
+    args = ap.parse_args()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cca_jax.generate import _decode, _prefill, Sampling
+    from cca_jax.model.cache import init_cache
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _model(args.model)
+    from cca_jax.model.transformer import unstack_layers
+
+    cfg, params = model.config, unstack_layers(model.params())
+    del model
+    res = {}
+    parts = args.parts.split(",")
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(3, cfg.vocab_size, (GEN_BATCH, GEN_PROMPT)), jnp.int32)
+    mask = jnp.ones_like(toks, bool)
+    size = 1024
+
+    def fresh():
+        return init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
+
+    if "prefill" in parts or "decode" in parts:
+        res["prefill_s"] = _median_time(lambda: _prefill(cfg, params, toks, mask, fresh()), warm=1, reps=5)
+        (out / "prefill.hlo.txt").write_text(_prefill.lower(cfg, params, toks, mask, fresh()).compile().as_text())
+    if "decode" in parts:
+        logits, cache = _prefill(cfg, params, toks, mask, fresh())
+        pos0 = cache.pos + 0  # the cache is donated to each decode call
+        eos = jnp.asarray([-1], jnp.int32)
+        done = jnp.zeros((GEN_BATCH,), bool)
+        key = jax.random.key(0)
+        holder = {"cache": cache}
+
+        def dec():
+            c, lg, d, k, t = _decode(cfg, params, holder["cache"], logits, done, key, eos, 0, 32, Sampling())
+            holder["cache"] = _reset(c)
+            return t
+
+        def _reset(c):  # keep the cache index inside the buffer across repeats
+            return c.replace(index=jnp.asarray(GEN_PROMPT, jnp.int32), pos=pos0 + 0)
+
+        res["decode_32_steps_s"] = _median_time(dec, warm=1, reps=5)
+        res["decode_step_ms"] = res["decode_32_steps_s"] / 32 * 1e3
+        (out / "decode.hlo.txt").write_text(
+            _decode.lower(cfg, params, holder["cache"], logits, done, key, eos, 0, 32, Sampling()).compile().as_text())
+    if "dcm" in parts:
+        from cca_jax.cca import components, dcm
+
+        t8 = toks[:BATCH, :]
+        t8 = jnp.concatenate([t8, t8[:, : SEQ - GEN_PROMPT]], axis=1)
+        m8 = jnp.ones_like(t8, bool)
+        c = dcm.prefix_cache(cfg, params, t8, m8)
+        config = dcm.DCMConfig()
+        opt = dcm.make_optimizer(config, 26)
+        m = components.full(cfg, 1.0)
+        st = opt.init(m)
+        d = t8[:, 0]
+        args_ = (cfg, opt, config.reg, config.mode, params, m, st, c, t8[:, -1], d, d + 1)
+        res["dcm_step_s"] = _median_time(lambda: dcm.mask_step(*args_)[2], warm=2, reps=10)
+        (out / "dcm.hlo.txt").write_text(dcm.mask_step.lower(*args_).compile().as_text())
+    if "amplify" in parts:
+        from gpu_perf import part_amplify  # noqa: E402
+
+        res["amplify"] = part_amplify(args.model, args.policy if args.policy != "none" else False,
+                                      trace_dir=str(out / "trace_amplify") if args.trace else None)
+    if args.trace:
+        traced = {}
+        if "decode" in parts:
+            traced["decode"] = dec
+        if "dcm" in parts:
+            traced["dcm"] = lambda: dcm.mask_step(*args_)[2]
+        for name, fn in traced.items():
+            jax.block_until_ready(fn())
+            with jax.profiler.trace(str(out / f"trace_{name}"), create_perfetto_trace=True):
+                for _ in range(3):
+                    jax.block_until_ready(fn())
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

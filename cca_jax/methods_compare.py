@@ -1,0 +1,124 @@
+"""``cca-jax compare RUN_DIRS...``: CCA against the fine-tuning baselines, as the paper
+judges it (SPEC 5): test accuracy before/after with intervals, how much of the model
+changed, and each side-effect benchmark's change. Reads only the runs' summary.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cca_jax import atomic
+from cca_jax.errors import CCAError
+
+
+def load_summary(run_dir: str | Path) -> dict:
+    f = Path(run_dir) / "summary.json"
+    if not f.exists():
+        raise CCAError(f"{run_dir}: no summary.json (run `cca-jax run` there to the end first)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise CCAError(f"{f}: not valid JSON ({err.msg})") from None
+
+
+def table(run_dirs: list[str]) -> dict:
+    """One row per run, with the side-effect tasks any run measured as columns."""
+    if not run_dirs:
+        raise CCAError("compare needs at least one run directory")
+    rows = []
+    tasks: list[str] = []
+    for d in run_dirs:
+        s = load_summary(d)
+        before, after = s["test_accuracy_before"], s["test_accuracy_after"]
+        se = s.get("side_effects", {})
+        tasks += [t for t in se if t not in tasks]
+        rows.append({
+            "run": str(d), "method": s.get("method", "cca"), "model": s.get("model"),
+            "test_before": before["overall"], "test_before_ci": [before["low"], before["high"]],
+            "test_after": after["overall"], "test_after_ci": [after["low"], after["high"]],
+            "test_n": after.get("n_items"),
+            "fraction_components": s.get("fraction_components"),
+            "fraction_parameters_changed": s.get("fraction_parameters_changed"),
+            "best_step": s.get("best_step"),
+            "side_effects": {t: se[t] for t in se},
+        })
+    return {"rows": rows, "tasks": tasks}
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def markdown(t: dict) -> str:
+    head = ["run", "method", "test before", "test after", "components", "parameters changed", "best step"]
+    head += [f"{task} Δ" for task in t["tasks"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in t["rows"]:
+        cells = [Path(r["run"]).name, r["method"], f"{r['test_before']:.3f}{_ci(r['test_before_ci'])}",
+                 f"{r['test_after']:.3f}{_ci(r['test_after_ci'])}", _pct(r["fraction_components"]),
+                 _pct(r["fraction_parameters_changed"]), str(r["best_step"])]
+        for task in t["tasks"]:
+            v = r["side_effects"].get(task)
+            cells.append("-" if v is None else f"{v['delta']:+.3f} ({v['before']:.3f}→{v['after']:.3f}, n={v['n']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(t: dict, path: Path) -> Path:
+    """Test accuracy before/after (with intervals) and side-effect deltas, per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = t["rows"]
+    names = [f"{Path(r['run']).name}\n({r['method']})" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    x = np.arange(len(rows))
+    for off, key, label in ((-0.18, "test_before", "before"), (0.18, "test_after", "after")):
+        vals = [r[key] for r in rows]
+        cis = [r[f"{key}_ci"] or (v, v) for r, v in zip(rows, vals)]
+        err = np.array([[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]])
+        axes[0].bar(x + off, vals, 0.36, yerr=err, capsize=3, label=label)
+    axes[0].set_xticks(x, names, fontsize=8)
+    axes[0].set_ylabel("GSM-Symbolic test accuracy")
+    axes[0].legend()
+    tasks = t["tasks"]
+    if tasks:
+        w = 0.8 / len(rows)
+        for i, r in enumerate(rows):
+            d = [r["side_effects"].get(task, {}).get("delta", np.nan) for task in tasks]
+            axes[1].bar(np.arange(len(tasks)) + (i - (len(rows) - 1) / 2) * w, d, w, label=names[i].replace("\n", " "))
+        axes[1].axhline(0, color="k", lw=0.8)
+        axes[1].set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
+        axes[1].set_ylabel("change after - before")
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].text(0.5, 0.5, "no side-effect benchmarks in these runs\n(set side_effects.tasks)", ha="center",
+                     va="center")
+        axes[1].set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write(run_dirs: list[str], out_dir: str | Path) -> tuple[dict, str]:
+    t = table(run_dirs)
+    out = Path(out_dir)
+    md = markdown(t)
+    atomic.write_json(out / "compare.json", t)
+    atomic.write_text(out / "compare.md", md + "\n")
+    try:
+        plot(t, out / "compare.png")
+    except ImportError:  # matplotlib is in the [viz] extra
+        pass
+    return t, md
