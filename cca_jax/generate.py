@@ -187,7 +187,10 @@ def generate(
     if sampling.temperature > 0 and key is None:
         raise CCAError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
     key = key if key is not None else jax.random.key(0)
-    cfg, params = model.config, unstack_layers(model.params())  # per-layer buffers: see unstack_layers
+    # stacked weights for prefills (one scanned block), per-layer buffers for the
+    # memory-bound decode steps (see unstack_layers)
+    cfg, stacked = model.config, model.params()
+    params = unstack_layers(stacked)
     dtype = model.dtype
     eos = jnp.asarray(_eos_ids(model, eos_token_id))
 
@@ -200,7 +203,7 @@ def generate(
     prefix_cache = None
     if shared:
         c = init_cache(cfg, 1, size, dtype)
-        _, prefix_cache = _prefill(cfg, params, jnp.asarray([prompts[0][:shared]], jnp.int32),
+        _, prefix_cache = _prefill(cfg, stacked, jnp.asarray([prompts[0][:shared]], jnp.int32),
                                    jnp.ones((1, shared), bool), c)
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding per batch
@@ -218,7 +221,7 @@ def generate(
             rows = rows + [rows[-1]] * (batch_size - n)
         toks, mask = _left_pad(rows, suffix_len, pad_token_id)
         cache = _tile_cache(prefix_cache, len(rows)) if shared else init_cache(cfg, len(rows), size, dtype)
-        logits, cache = _prefill(cfg, params, jnp.asarray(toks), jnp.asarray(mask), cache)
+        logits, cache = _prefill(cfg, stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
         done = jnp.zeros((len(rows),), bool)
         out = np.zeros((len(rows), 0), np.int32)
         stopped = np.zeros(len(rows), bool)

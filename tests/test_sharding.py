@@ -55,3 +55,69 @@ def test_partition_specs_split_heads_and_neurons():
     assert tuple(spec_for(("layers", "attn", "q"), (2, 8, 4, 16), mesh)) == (None, "fsdp", "tp", None)
     assert tuple(spec_for(("layers", "mlp", "down"), (2, 32, 8), mesh)) == (None, "tp", "fsdp")
     assert tuple(spec_for(("layers", "attn_norm"), (2, 8), mesh)) == ()
+
+
+CCA_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    jax.config.update("jax_default_matmul_precision", "highest")
+    assert jax.device_count() == 8, jax.devices()
+    import cca_jax, tiny
+    from cca_jax.cca import amplify as amp, components, dcm
+    from cca_jax.cca.examples import LocalizationExample, make_batch
+    from cca_jax.generate import generate
+    from cca_jax.model.transformer import unstack_layers
+
+    cfg = cca_jax.config.from_hf(tiny.hf_config("gemma2", hidden_size=64, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=96))
+    model = cca_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+    params = jax.tree.map(lambda x: x * 3.0, model.params())
+    rng = np.random.default_rng(0)
+    exs = [LocalizationExample(tuple(int(t) for t in rng.integers(3, cfg.vocab_size, 20 + i)), 5 + i, 9 + i, 0, i)
+           for i in range(8)]
+    b = make_batch(exs)
+    prompts = [list(rng.integers(3, cfg.vocab_size, 6 + i)) for i in range(8)]
+    mask = {k: rng.random(s) < 0.3 for k, s in components.shapes(cfg).items()}
+
+    def run_all(p):
+        m = cca_jax.Transformer(cfg, rngs=nnx.Rngs(0), params=p)
+        # one DCM step (cached prefix, per-layer weights) and its mask gradient
+        cache = dcm.prefix_cache(cfg, p, jnp.asarray(b.tokens), jnp.asarray(b.mask))
+        c = dcm.DCMConfig()
+        opt = dcm.make_optimizer(c, 1)
+        m0 = components.full(cfg, 1.0)
+        m1, _, loss, _ = dcm.mask_step(cfg, opt, c.reg, c.mode, unstack_layers(p), m0, opt.init(m0), cache,
+                                       jnp.asarray(b.tokens[:, -1]), jnp.asarray(b.desired), jnp.asarray(b.undesired))
+        # one amplification gradient step on the circuit rows
+        acfg = amp.AmplifyConfig(lr=0.5)
+        sel, rows = amp.selection_and_masks(mask, p, acfg)
+        o = amp.make_optimizer(acfg, rows)
+        st, frozen = amp.init_state(p, sel, o)
+        _, g = amp.full_batch_grad(cfg, st.master, frozen, [b], 8)
+        master, _ = amp.step_fn(o)(st.master, st.opt_state, g)
+        gen = generate(m, prompts, 6, eos_token_id=[], batch_size=8)
+        return float(loss), m1, master, gen
+
+    single = run_all(jax.device_put(params, jax.devices()[0]))
+    for fsdp, tp in ((2, 4), (1, 8)):
+        sharded = cca_jax.shard_params(params, cca_jax.make_mesh(fsdp=fsdp, tp=tp))
+        assert len(sharded["layers"]["mlp"]["up"].sharding.device_set) == 8
+        out = run_all(sharded)
+        assert abs(out[0] - single[0]) <= 1e-4 * max(1.0, abs(single[0])), (out[0], single[0])
+        for a, s in ((out[1], single[1]), (out[2], single[2])):
+            d = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(s)))
+            assert d <= 1e-4, (fsdp, tp, d)
+        assert out[3] == single[3], (fsdp, tp, "greedy generation differs")
+        print(fsdp, tp, "dcm loss", out[0], "same mask step, amplification step and greedy tokens")
+    print("OK")
+""")
+
+
+def test_dcm_amplification_generation_on_8_host_devices_equal_single_device():
+    """Issue 8 on CPU: what two GPUs would run, on an 8-device host mesh."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-c", CCA_SCRIPT, here], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-3000:]

@@ -144,9 +144,10 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     epoch) while not everything is kept; fixed: unchanged for a whole epoch."""
     if not examples:
         raise CCAError("DCM needs at least one localization example")
-    cfg, params = model.config, unstack_layers(model.params())  # per-layer buffers: see unstack_layers
+    cfg = model.config
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
-    caches = [prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
+    caches = [prefix_cache(cfg, model.params(), jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
+    params = unstack_layers(model.params())  # per-layer buffers for the steps: see unstack_layers
     n_b = len(bs)
     opt = make_optimizer(config, n_b)
     m = components.full(cfg, 1.0)

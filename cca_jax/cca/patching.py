@@ -184,10 +184,11 @@ def effects_over_examples(model, examples, method: str, mode: str = "mean", batc
 
     if method not in ("patching", "attribution"):
         raise CCAError(f"method must be 'patching' or 'attribution', got {method!r}")
-    cfg, params = model.config, unstack_layers(model.params())  # per-layer buffers: see unstack_layers
+    cfg, stacked = model.config, model.params()
+    params = unstack_layers(stacked)  # per-layer buffers for the one-token steps: see unstack_layers
     total, n = None, 0
     for b in batches(examples, batch_size, seed=0, pad=pad_token_id):
-        cache = prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask))
+        cache = prefix_cache(cfg, stacked, jnp.asarray(b.tokens), jnp.asarray(b.mask))
         last, d, u = jnp.asarray(b.tokens[:, -1]), jnp.asarray(b.desired), jnp.asarray(b.undesired)
         clean = last_activations(cfg, params, cache, last)
         cf = {k: jnp.roll(v, 1, axis=1) for k, v in clean.items()} if mode == "counterfactual" else None

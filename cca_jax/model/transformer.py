@@ -347,6 +347,15 @@ def forward(
     if cache is None and not per_layer:
         # no cache: one compiled block scanned over the stacked layers
         x, (acts, _) = jax.lax.scan(lambda x, xs: block(x, (*xs, None, kpos_new)), x, (layers, sliding, layer_ivs))
+    elif not small and not per_layer:
+        # many tokens into a cache (prefill, scoring): compute-bound, so a scan (one compiled
+        # block) over the buffers stacked for the call; the copies cost little next to the work
+        def body(x, xs):
+            lp, is_sliding, liv, kc, vc = xs
+            return block(x, (lp, is_sliding, liv, ("write", kc, vc, cache.index), kpos_all))
+
+        x, (acts, (ks, vs)) = jax.lax.scan(body, x, (layers, sliding, layer_ivs, jnp.stack(cache.k), jnp.stack(cache.v)))
+        new_cache = KVCache(k=tuple(ks), v=tuple(vs), pos=kpos_all, index=cache.index + T)
     else:
         # With a cache (or per-layer weights, see unstack_layers) the layers run unrolled,
         # each reading its own buffers: inside a scan XLA copies every layer's weights and
