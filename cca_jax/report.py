@@ -1,8 +1,56 @@
-"""Run reports: PNG plots of a run's summary (matplotlib, from the [viz] extra)."""
+"""Run reports: PNG plots of a run (matplotlib, from the [viz] extra) and ``report.md``.
+
+``plots(summary, run_dir)`` writes into ``run_dir/plots``: the val accuracy by
+amplification step, the selected components per layer, and the circuit views of
+``cca_jax.views`` (per-layer head and neuron counts, the head-level heatmap, the neuron
+density per layer; for patching/attribution runs also the heatmap of per-head effects).
+It also writes ``run_dir/report.md``: the before/after table and links to the plots.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from cca_jax import atomic
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def accuracy_cell(a: dict) -> str:
+    """``0.425 [0.350, 0.500]`` from a summary's accuracy record."""
+    return f"{a['overall']:.3f} [{a['low']:.3f}, {a['high']:.3f}]"
+
+
+def table_rows(summary: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of the before/after table: held-out test accuracy with 95%
+    intervals, the circuit size and the parameters changed."""
+    b, a = summary["test_accuracy_before"], summary["test_accuracy_after"]
+    sel = summary.get("test_accuracy_selected_templates") or {}
+    rows = [
+        (f"test accuracy before ({b['n_items']} held-out items, 95% CI)", accuracy_cell(b)),
+        ("test accuracy after (amplified, best val step)", accuracy_cell(a)),
+        ("difference", f"{a['overall'] - b['overall']:+.3f}"),
+    ]
+    if sel.get("before") is not None and sel.get("after") is not None:
+        rows.append((f"selected templates only ({len(summary.get('selected_templates', []))})",
+                     f"{sel['before']:.3f} -> {sel['after']:.3f}"))
+    loc = summary.get("localization", {})
+    rows += [
+        ("pivotal tokens (localization examples)", f"{loc.get('examples', 'n/a')} from {loc.get('items', 'n/a')} train items"),
+        ("circuit (components kept)", f"{summary['components_selected']:,} of {summary['components_total']:,} "
+                                      f"({_pct(summary['fraction_components'])})"),
+        ("parameters changed", _pct(summary["fraction_parameters_changed"])),
+        ("best amplification step (val)", str(summary["best_step"])),
+    ]
+    return rows
+
+
+def format_table(summary: dict) -> str:
+    rows = table_rows(summary)
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
 def plots(summary: dict, run_dir: str | Path) -> list[Path]:
@@ -11,7 +59,8 @@ def plots(summary: dict, run_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(run_dir) / "plots"
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     files = []
 
@@ -43,4 +92,42 @@ def plots(summary: dict, run_dir: str | Path) -> list[Path]:
     files.append(out / "components_per_layer.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
+
+    files += circuit_plots(run_dir, out)
+    markdown(summary, run_dir, files)
     return files
+
+
+def circuit_plots(run_dir: str | Path, out: str | Path) -> list[Path]:
+    """The circuit views of a run directory's mask (and effects, if it saved any)."""
+    from cca_jax import views
+
+    circ_dir = Path(run_dir) / "stages" / "circuit"
+    files = []
+    if (circ_dir / "mask.npz").exists():
+        files += views.write_pngs(views.load(circ_dir / "mask.npz"), out, prefix="circuit")
+    if (circ_dir / "effects.npz").exists():
+        files += views.write_pngs(views.load(circ_dir / "effects.npz"), out, prefix="effects")
+    return files
+
+
+def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None) -> Path:
+    """``run_dir/report.md``: the before/after table, timings and the plots."""
+    run_dir = Path(run_dir)
+    lines = [f"# CCA run: {summary['model']}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in table_rows(summary)]
+    per_t_b = summary["test_accuracy_before"].get("per_template", {})
+    per_t_a = summary["test_accuracy_after"].get("per_template", {})
+    if per_t_b:
+        lines += ["", "Per template (test, before -> after): " + ", ".join(
+            f"{t} {per_t_b[t]:.2f}->{per_t_a.get(t, float('nan')):.2f}" for t in per_t_b)]
+    val = summary.get("val_accuracy_by_step", {})
+    if val:
+        lines += ["", "Val accuracy by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in val.items())]
+    t = summary.get("timings_seconds", {})
+    if t:
+        lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())]
+    for f in files or []:
+        rel = Path(f).relative_to(run_dir) if Path(f).is_relative_to(run_dir) else Path(f)
+        lines += ["", f"![{rel.stem}]({rel.as_posix()})"]
+    return atomic.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
