@@ -23,6 +23,7 @@ DEFAULT_OUT = "runs/demo"
 # with --templates DIR and no data.template_ids of the user's: this many templates of DIR
 # (the first by id), so the demo stays a demo; --set data.template_ids=[...] picks others
 N_TEMPLATES_FROM_DIR = 6
+DIR_MAX_NEW_TOKENS = 192  # GSM-Symbolic solutions need more than the embedded templates' 64
 
 
 def configs_dir() -> Path:
@@ -63,15 +64,21 @@ def build_config(model: str | None = None, templates: str | None = None, overrid
     sets = []
     if model is not None:
         sets.append(f"model={model}")
-    user_ids = any(s.split("=", 1)[0].strip() == "data.template_ids" for s in overrides)
+    user_ids = any(o.split("=", 1)[0].strip() == "data.template_ids" for o in overrides)
     if templates is not None:
         if not Path(templates).exists():
             raise CCAError(f"--templates {templates}: no such directory or file")
         sets.append(f"data.templates={templates}")
-        if not user_ids:
+        if not user_ids and Path(templates).is_dir():
             ids = _template_ids_from(templates, N_TEMPLATES_FROM_DIR)
             sets.append(f"data.template_ids={ids}")
             log(f"templates {ids} of {templates} (choose others with --set data.template_ids=[...])")
+        keys = {s.split("=", 1)[0].strip() for s in overrides}
+        if not keys & {"eval.max_new_tokens", "eval.test_max_new_tokens"}:
+            # GSM8K-style solutions are longer than the embedded templates' ones
+            sets += [f"eval.max_new_tokens={DIR_MAX_NEW_TOKENS}", f"eval.test_max_new_tokens={DIR_MAX_NEW_TOKENS}"]
+            log(f"generations up to {DIR_MAX_NEW_TOKENS} tokens for these templates (slower than the default demo; "
+                f"--set eval.max_new_tokens=N --set eval.test_max_new_tokens=N to change)")
     return runconfig.load(path, [*sets, *overrides]), path
 
 
@@ -98,6 +105,8 @@ def run(out: str = DEFAULT_OUT, model: str | None = None, templates: str | None 
         f"{cfg.data.per_template} per template), {cfg.eval.shots}-shot prompts, config {path}")
     log(f"{'resuming' if resumed else 'writing'} run directory {out_dir} "
         f"(interrupt any time; the same command resumes)")
+    log("stages: load the model, base evaluation (train/val/test), pivotal tokens, DCM circuit, "
+        "amplification (val after each eval step), test evaluation, report")
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, out_dir, progress=progress, log=log)
     wall = time.perf_counter() - t0

@@ -82,8 +82,11 @@ def test_templates_option_points_the_run_at_a_directory():
     assert cfg.data.templates == builtin_dir
     assert cfg.data.template_ids == tuple(range(9001, 9001 + demo.N_TEMPLATES_FROM_DIR))
     assert "--set data.template_ids" in msgs[0]
+    assert cfg.eval.max_new_tokens == cfg.eval.test_max_new_tokens == demo.DIR_MAX_NEW_TOKENS
     cfg, _ = demo.build_config(templates=builtin_dir, overrides=["data.template_ids=[9003]"], log=msgs.append)
     assert cfg.data.template_ids == (9003,)
+    cfg, _ = demo.build_config(templates=builtin_dir, overrides=["eval.max_new_tokens=32"], log=msgs.append)
+    assert cfg.eval.max_new_tokens == 32
     with pytest.raises(CCAError, match="no such directory"):
         demo.build_config(templates=str(ROOT / "no-such-dir"), log=lambda s: None)
 
