@@ -309,6 +309,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cca-jax: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # device out of memory: one line, finished stages are kept
+        if not _out_of_memory(err):
+            raise
+        print(f"cca-jax: error: the device ran out of memory ({_first_line(err)}); finished stages are kept: "
+              f"rerun the same command with smaller batches (e.g. --set amplify.batch_size=4, "
+              f"sft.micro_batch_size=4, eval.batch_size=16) or remat (--set amplify.remat=true, sft.remat=true), "
+              f"or give JAX more memory (XLA_PYTHON_CLIENT_MEM_FRACTION)", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def _first_line(err: BaseException) -> str:
+    for line in str(err).splitlines():
+        if "memory" in line.lower():
+            return line.strip()[:200]
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -149,8 +149,9 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         items = [it for it in items if it.template in set(config.data.template_ids)]
     if not items:
         raise CCAError("no GSM-Symbolic items: check data.templates and data.template_ids")
-    splits = gsm_symbolic.split(items, config.data.seed)
-    data_key = _hash([it.to_json() for it in items])
+    splits = gsm_symbolic.split(items, config.data.seed, config.data.split)
+    data_key = _hash([it.to_json() for it in items]
+                     + ([] if config.data.split == gsm_symbolic.SPLIT_FRACTIONS else [list(config.data.split)]))
     ev = config.eval
 
     def evaluate(m, split_items, max_new, desc):

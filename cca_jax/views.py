@@ -216,7 +216,7 @@ def plot_head_heatmap(circuit: Mapping, path: str | os.PathLike, title: str | No
     ax.set_xlabel("head (query | key | value)")
     ax.set_ylabel("layer")
     if title is None:
-        title = (f"attention heads in the circuit: {int(grid.sum())} of {grid.size}" if binary
+        title = (f"attention heads in the circuit (black): {int(grid.sum())} of {grid.size}" if binary
                  else "per-head effect")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

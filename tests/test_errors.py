@@ -128,3 +128,27 @@ def test_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_device_out_of_memory_is_one_line_and_other_errors_still_raise(monkeypatch, capsys):
+    class XlaRuntimeError(RuntimeError):
+        pass
+
+    def oom(args):
+        raise XlaRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.04GiB "
+                              "with allocator GPU_0_bfc on device 0.\n--- trace ---")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["info", "x"])
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})())
+    monkeypatch.setattr(args, "func", oom)
+    assert cli.main(["info", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran out of memory" in err[0] and "12.04GiB" in err[0] and "rerun" in err[0]
+
+    def other(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(args, "func", other)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["info", "x"])

@@ -25,6 +25,19 @@ def test_split_sizes_and_determinism():
     assert sum(len(k) for k in keys) == len(items)
 
 
+def test_split_fractions_from_the_run_config():
+    from cca_jax import runconfig
+
+    items = fake_items(3, 24)
+    cfg = runconfig.from_dict({"model": "m", "data": {"split": [0.42, 0.25, 0.33]}})
+    s = gsm_symbolic.split(items, 0, cfg.data.split)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [3 * 10, 3 * 6, 3 * 8]
+    assert gsm_symbolic.split(items, 0) == gsm_symbolic.split(items, 0, (0.52, 0.08, 0.40))
+    for bad in ([0.5, 0.5], [0.6, 0.6, -0.2], [0.5, 0.2, 0.2], [0.0, 0.5, 0.5]):
+        with pytest.raises(CCAError, match="data.split must be three"):
+            runconfig.from_dict({"model": "m", "data": {"split": bad}})
+
+
 def test_jsonl_round_trip_and_hub_format(tmp_path):
     items = fake_items(2, 3)
     p = gsm_symbolic.write_jsonl(items, tmp_path / "x.jsonl")

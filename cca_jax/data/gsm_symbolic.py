@@ -152,22 +152,32 @@ def by_template(items: Sequence[Item]) -> dict[int, list[Item]]:
     return out
 
 
-def split_counts(n: int) -> tuple[int, int, int]:
-    train = int(round(SPLIT_FRACTIONS[0] * n))
-    val = int(round(SPLIT_FRACTIONS[1] * n))
+def split_counts(n: int, fractions: Sequence[float] = SPLIT_FRACTIONS) -> tuple[int, int, int]:
+    train = int(round(fractions[0] * n))
+    val = int(round(fractions[1] * n))
     return train, val, n - train - val
 
 
-def split(items: Sequence[Item], seed: int) -> dict[str, list[Item]]:
-    """Per template: shuffle its instances with ``seed`` and cut 0.52 / 0.08 / 0.40.
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    f = tuple(float(x) for x in fractions)
+    if len(f) != 3 or any(x < 0 for x in f) or abs(sum(f) - 1.0) > 1e-6 or f[0] == 0 or f[2] == 0:
+        raise CCAError(f"data.split must be three non-negative train/val/test fractions summing to 1 "
+                       f"(train and test above 0), got {list(fractions)}")
+    return f
+
+
+def split(items: Sequence[Item], seed: int, fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, list[Item]]:
+    """Per template: shuffle its instances with ``seed`` and cut by ``fractions`` (SPEC:
+    0.52 / 0.08 / 0.40, i.e. 26 / 4 / 20 of 50).
 
     Deterministic for the seed and independent of item order in the input."""
+    fractions = check_fractions(fractions)
     out = {"train": [], "val": [], "test": []}
     for tid, group in sorted(by_template(items).items()):
         group = sorted(group, key=lambda it: it.instance)
         rng = np.random.default_rng([seed, tid])
         perm = rng.permutation(len(group))
-        tr, va, _ = split_counts(len(group))
+        tr, va, _ = split_counts(len(group), fractions)
         for name, idx in (("train", perm[:tr]), ("val", perm[tr:tr + va]), ("test", perm[tr + va:])):
             out[name].extend(group[i] for i in sorted(idx))
     return out
