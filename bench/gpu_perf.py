@@ -187,6 +187,7 @@ def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None) -> 
     def step():  # exactly the pipeline's amplification step
         train_now = jax.tree.map(lambda x: x.astype(dtype), holder["master"])
         _, grad = amp.full_batch_grad(cfg, train_now, frozen, [batch], BATCH, remat)
+        del train_now
         holder["master"], holder["opt"] = apply(holder["master"], holder["opt"], grad)
         return holder["master"]
 
@@ -251,10 +252,11 @@ PARTS = {
 
 # ------------------------------------------------------------------------------ driver
 
-def _sub(args: list[str], timeout: float) -> dict:
+def _sub(args: list[str], timeout: float, env: dict | None = None) -> dict:
     t = time.perf_counter()
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -356,8 +358,10 @@ def main():
             else:
                 results["baseline"] = _sub([sys.executable, args.baseline, "gemma-2-2b"], args.timeout)
         elif part == "9b":
+            # JAX takes 75% of the card by default; a 9b step needs more of one 80 GB GPU
+            env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")}
             for p in ("dcm", "amplify_remat"):
-                results[f"{p}_9b"] = _sub(me + ["--part", p, "--model", "gemma-2-9b"], args.timeout)
+                results[f"{p}_9b"] = _sub(me + ["--part", p, "--model", "gemma-2-9b"], args.timeout, env)
         else:
             results[part] = _sub(me + ["--part", part, "--model", args.model], args.timeout)
         print(f"[{part}] {json.dumps(results.get(part, {k: v for k, v in results.items() if k.endswith('_9b')}))}",

