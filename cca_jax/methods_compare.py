@@ -53,6 +53,13 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _delta_cell(v: dict) -> str:
+    ci = v.get("delta_ci")  # runs before paired intervals were recorded have none
+    ci_s = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    moved = f", {v['better']} better / {v['worse']} worse" if "better" in v else ""
+    return f"{v['delta']:+.3f}{ci_s} ({v['before']:.3f}→{v['after']:.3f}, n={v['n']}{moved})"
+
+
 def markdown(t: dict) -> str:
     head = ["run", "method", "test before", "test after", "components", "parameters changed", "best step"]
     head += [f"{task} Δ" for task in t["tasks"]]
@@ -63,7 +70,7 @@ def markdown(t: dict) -> str:
                  _pct(r["fraction_parameters_changed"]), str(r["best_step"])]
         for task in t["tasks"]:
             v = r["side_effects"].get(task)
-            cells.append("-" if v is None else f"{v['delta']:+.3f} ({v['before']:.3f}→{v['after']:.3f}, n={v['n']})")
+            cells.append("-" if v is None else _delta_cell(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -92,11 +99,15 @@ def plot(t: dict, path: Path) -> Path:
     if tasks:
         w = 0.8 / len(rows)
         for i, r in enumerate(rows):
-            d = [r["side_effects"].get(task, {}).get("delta", np.nan) for task in tasks]
-            axes[1].bar(np.arange(len(tasks)) + (i - (len(rows) - 1) / 2) * w, d, w, label=names[i].replace("\n", " "))
+            se = [r["side_effects"].get(task, {}) for task in tasks]
+            d = np.array([v.get("delta", np.nan) for v in se])
+            ci = np.array([v.get("delta_ci") or (dv, dv) for v, dv in zip(se, d)], float).reshape(-1, 2)
+            err = np.abs(np.stack([d - ci[:, 0], ci[:, 1] - d]))
+            axes[1].bar(np.arange(len(tasks)) + (i - (len(rows) - 1) / 2) * w, d, w, yerr=err, capsize=2,
+                        label=names[i].replace("\n", " "))
         axes[1].axhline(0, color="k", lw=0.8)
         axes[1].set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
-        axes[1].set_ylabel("change after - before")
+        axes[1].set_ylabel("change after - before (95% paired interval)")
         axes[1].legend(fontsize=7)
     else:
         axes[1].text(0.5, 0.5, "no side-effect benchmarks in these runs\n(set side_effects.tasks)", ha="center",

@@ -383,8 +383,10 @@ def _add_side_effects(summary, config, stages, model, tok, params_after, model_k
         out[name] = {t: r["score"] for t, r in _read_json(d / "results.json").items()}
         summary["timings_seconds"][name] = round(stages.seconds(name), 2)
     before, after = out["side_effects_before"], out["side_effects_after"]
-    summary["side_effects"] = {t: {"before": before[t], "after": after[t], "delta": after[t] - before[t],
-                                   "n": _read_json(stages.dir("side_effects_after") / "results.json")[t]["n"]}
+    res_b = _read_json(stages.dir("side_effects_before") / "results.json")
+    res_a = _read_json(stages.dir("side_effects_after") / "results.json")
+    summary["side_effects"] = {t: {"before": before[t], "after": after[t], "n": res_a[t]["n"],
+                                   **tasks_lib.paired_delta(res_b[t], res_a[t])}
                                for t in before}
     log("side effects: " + ", ".join(f"{t} {v['before']:.3f} -> {v['after']:.3f}" for t, v in summary["side_effects"].items()))
 

@@ -420,6 +420,25 @@ def eval_gsm8k(model, tokenizer, items: Sequence[GSM8KItem], *, max_new_tokens: 
             "max_new_tokens": max_new_tokens, "records": records}
 
 
+def item_values(result: dict) -> np.ndarray:
+    """Per-item score of a task result: MC2's probability mass, else 1/0 for correct."""
+    return np.array([float(r["score"]) if "score" in r else float(r["correct"]) for r in result["records"]])
+
+
+def paired_delta(before: dict, after: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """after - before on the same items, with a 95% paired-bootstrap interval (items are
+    resampled together, so the interval reflects how many items changed, not the two
+    scores' separate spreads) and how many items got better or worse."""
+    b, a = item_values(before), item_values(after)
+    if len(a) != len(b) or not len(a):
+        raise CCAError(f"paired delta needs the same items before and after ({len(b)} vs {len(a)})")
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(axis=1)
+    return {"delta": float(d.mean()), "delta_ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+
+
 def _mean(values: Iterable) -> float:
     v = [float(x) for x in values]
     return float(np.mean(v)) if v else math.nan
