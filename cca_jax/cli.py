@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", default="mmlu,truthfulqa_mc1,truthfulqa_mc2,triviaqa,gsm8k",
                    help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, triviaqa, gsm8k")
     s.add_argument("--limit", type=int, help="at most N items per task (MMLU: round-robin over subjects)")
-    s.add_argument("--data-dir", help="evaluation data (default $CCA_JAX_EVAL_DATA, else ../shared/data/eval)")
+    s.add_argument("--data-dir", help="evaluation data: a directory laid out like ../shared/data/eval, or hub "
+                   "(downloaded once into ~/.cache/cca_jax/eval_hub; needs pyarrow); default $CCA_JAX_EVAL_DATA, "
+                   "else ../shared/data/eval")
     s.add_argument("--dtype", default="float32")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation budget")

@@ -68,7 +68,7 @@ class SideEffectsConfig:
 
     tasks: tuple[str, ...] = ()  # mmlu, truthfulqa_mc1, truthfulqa_mc2, triviaqa, gsm8k; () = skip
     limit: int | None = None  # items per task (MMLU round-robin over subjects)
-    data_dir: str | None = None  # None: $CCA_JAX_EVAL_DATA or ../shared/data/eval
+    data_dir: str | None = None  # None: $CCA_JAX_EVAL_DATA or ../shared/data/eval; "hub": download once
     batch_size: int = 16
     gsm8k_max_new_tokens: int = 256
 

@@ -94,9 +94,14 @@ class GSM8KItem:
 
 # -- data ---------------------------------------------------------------------------------
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir``, else $CCA_JAX_EVAL_DATA, else ../shared/data/eval (relative to the cwd)."""
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, tasks: Iterable[str] = ()) -> Path:
+    """``data_dir``, else $CCA_JAX_EVAL_DATA, else ../shared/data/eval (relative to the cwd).
+    ``hub`` (as either): what ``tasks`` need, downloaded from the hub once into a cache."""
     for given, what in ((data_dir, "--data-dir"), (os.environ.get(ENV_DATA) or None, f"${ENV_DATA}")):
+        if given is not None and str(given) == "hub":
+            from cca_jax.evaluate import hub_data
+
+            return hub_data.materialize(tasks)
         if given is not None:
             p = Path(given).expanduser()
             if not p.is_dir():
@@ -105,8 +110,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
             return p
     if DEFAULT_DATA.is_dir():
         return DEFAULT_DATA.resolve()
-    raise CCAError(f"no evaluation data: pass --data-dir DIR or set {ENV_DATA} to a directory laid out like "
-                   f"../shared/data/eval (mmlu/, truthfulqa/, triviaqa/, gsm8k/)")
+    raise CCAError(f"no evaluation data: pass --data-dir DIR (or --data-dir hub to download it) or set {ENV_DATA} "
+                   f"to a directory laid out like ../shared/data/eval (mmlu/, truthfulqa/, triviaqa/, gsm8k/)")
 
 
 def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
@@ -216,7 +221,7 @@ def prepare(tasks: str | Iterable[str], *, limit: int | None = None, data_dir=No
     wrong before a model is loaded. Returns the data per task group."""
     names = parse_tasks(tasks)
     check_limit(limit)
-    root = resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir, names)
     data: dict = {"tasks": names, "data_dir": str(root)}
     if "mmlu" in names:
         items, dev = load_mmlu(root)
