@@ -133,14 +133,12 @@ def amplified_model(model, run_dir):
     import jax
     import orbax.checkpoint as ocp
 
+    from cca_jax.pipeline import leaf_key as key
+
     path = Path(run_dir) / "stages" / "amplify" / "best_master"
     if not path.exists():
         raise CCAError(f"{run_dir}: no amplified weights (stages/amplify/best_master): not a finished run")
     saved = ocp.StandardCheckpointer().restore(path.absolute())
-
-    def key(p) -> str:
-        return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
-
     params = model.params()
     shapes = {key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     wrong = sorted(k for k, v in saved.items() if shapes.get(k) != tuple(v.shape))

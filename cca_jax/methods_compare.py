@@ -114,12 +114,7 @@ def plot(t: dict, path: Path) -> Path:
                      va="center")
         axes[1].set_axis_off()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic.save_figure(fig, path, dpi=120)
 
 
 def write(run_dirs: list[str], out_dir: str | Path) -> tuple[dict, str]:

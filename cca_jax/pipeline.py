@@ -85,7 +85,8 @@ def _read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _key(path) -> str:
+def leaf_key(path) -> str:
+    """A pytree leaf's path as the dotted name its checkpoints are keyed by."""
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
@@ -94,7 +95,7 @@ def _save_tree(path: Path, tree) -> None:
     temporary directory and renames it)."""
     import orbax.checkpoint as ocp
 
-    flat = {_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    flat = {leaf_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
     if not flat:  # e.g. plain SGD's optimizer state: nothing to save
         path.mkdir(parents=True, exist_ok=True)
         return
@@ -109,9 +110,9 @@ def _load_tree(path: Path, template):
     leaves = jax.tree_util.tree_leaves_with_path(template)
     if not leaves:
         return template
-    abstract = {_key(p): jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for p, x in leaves}
+    abstract = {leaf_key(p): jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for p, x in leaves}
     flat = ocp.StandardCheckpointer().restore(path.absolute(), abstract)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [flat[_key(p)] for p, _ in leaves])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [flat[leaf_key(p)] for p, _ in leaves])
 
 
 def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
@@ -380,13 +381,11 @@ def _add_side_effects(summary, config, stages, model, tok, params_after, model_k
                                       gsm8k_max_new_tokens=se.gsm8k_max_new_tokens)
             _write_json(d / "results.json", res)
             stages.finish(name, key, time.perf_counter() - t0)
-        out[name] = {t: r["score"] for t, r in _read_json(d / "results.json").items()}
+        out[name] = _read_json(d / "results.json")
         summary["timings_seconds"][name] = round(stages.seconds(name), 2)
     before, after = out["side_effects_before"], out["side_effects_after"]
-    res_b = _read_json(stages.dir("side_effects_before") / "results.json")
-    res_a = _read_json(stages.dir("side_effects_after") / "results.json")
-    summary["side_effects"] = {t: {"before": before[t], "after": after[t], "n": res_a[t]["n"],
-                                   **tasks_lib.paired_delta(res_b[t], res_a[t])}
+    summary["side_effects"] = {t: {"before": before[t]["score"], "after": after[t]["score"], "n": after[t]["n"],
+                                   **tasks_lib.paired_delta(before[t], after[t])}
                                for t in before}
     log("side effects: " + ", ".join(f"{t} {v['before']:.3f} -> {v['after']:.3f}" for t, v in summary["side_effects"].items()))
 

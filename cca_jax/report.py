@@ -73,9 +73,7 @@ def plots(summary: dict, run_dir: str | Path) -> list[Path]:
     ax.set_title("Validation accuracy during amplification")
     ax.legend()
     fig.tight_layout()
-    files.append(out / "val_accuracy.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(atomic.save_figure(fig, out / "val_accuracy.png"))
 
     per_layer = summary["components_per_layer"]
     n_layers = len(next(iter(per_layer.values())))
@@ -89,9 +87,7 @@ def plots(summary: dict, run_dir: str | Path) -> list[Path]:
     ax.set_title(f"Circuit: {summary['components_selected']} of {summary['components_total']} components")
     ax.legend()
     fig.tight_layout()
-    files.append(out / "components_per_layer.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(atomic.save_figure(fig, out / "components_per_layer.png"))
 
     files += circuit_plots(run_dir, out)
     markdown(summary, run_dir, files)

@@ -26,6 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
+from cca_jax import atomic
 from cca_jax.errors import CCAError
 
 TYPES = ("q", "k", "v", "mlp")
@@ -189,7 +190,7 @@ def plot_layer_counts(mask: Mapping, path: str | os.PathLike, title: str | None 
     fig.suptitle(title or f"circuit: {c['selected_total']} of {c['components_total']} components "
                           f"({100 * c['fraction']:.2f}%)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return atomic.save_figure(fig, path)
 
 
 def plot_head_heatmap(circuit: Mapping, path: str | os.PathLike, title: str | None = None) -> Path:
@@ -220,7 +221,7 @@ def plot_head_heatmap(circuit: Mapping, path: str | os.PathLike, title: str | No
                  else "per-head effect")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return atomic.save_figure(fig, path)
 
 
 def plot_neuron_density(mask: Mapping, path: str | os.PathLike, bins: int = 64, title: str | None = None) -> Path:
@@ -246,17 +247,7 @@ def plot_neuron_density(mask: Mapping, path: str | os.PathLike, bins: int = 64, 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic.save_figure(fig, path)
 
 
 def write_pngs(circuit: Mapping, out_dir: str | os.PathLike, prefix: str = "circuit") -> list[Path]:

@@ -417,7 +417,7 @@ def test_export_of_the_best_finetuned_model(picked, tmp_path, method):
         flat = _ckpt(tmp_path / "r" / "stages" / "sft" / name)
         return jax.tree_util.tree_unflatten(
             jax.tree_util.tree_structure(state.master),
-            [flat[pipeline._key(p)] for p, _ in jax.tree_util.tree_leaves_with_path(state.master)])
+            [flat[pipeline.leaf_key(p)] for p, _ in jax.tree_util.tree_leaves_with_path(state.master)])
 
     want = sft.working_params(method, master("best_master"), frozen, model.dtype, cfg.sft)
     last = sft.working_params(method, master("state_master"), frozen, model.dtype, cfg.sft)

@@ -22,10 +22,9 @@ from typing import Callable, Iterable
 
 from cca_jax import atomic
 from cca_jax.errors import CCAError
+from cca_jax.evaluate import tasks
 
-HUB = "hub"
 ENV_CACHE = "CCA_JAX_HUB_EVAL_CACHE"
-LETTERS = "ABCD"
 # task folder -> (dataset repo, parquet file prefixes to read, by split)
 SOURCES = {
     "mmlu": ("cais/mmlu", {"test": "all/test-", "dev": "all/dev-"}),
@@ -83,7 +82,7 @@ def _write_mmlu(root: Path, fetch: Fetch) -> None:
             choices = list(r["choices"])
             if len(choices) != 4 or not 0 <= int(r["answer"]) < 4:
                 raise CCAError(f"{repo}: a row of {r.get('subject')} does not have 4 choices and an answer 0-3")
-            by_subject.setdefault(r["subject"], []).append([r["question"], *choices, LETTERS[int(r["answer"])]])
+            by_subject.setdefault(r["subject"], []).append([r["question"], *choices, tasks.LETTERS[int(r["answer"])]])
         for subject, rows in by_subject.items():
             atomic.write_text(root / "mmlu" / split / f"{subject}_{split}.csv", _csv_text(rows))
 

@@ -37,6 +37,7 @@ from cca_jax.evaluate import loglik
 
 TASKS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "triviaqa", "gsm8k")
 ENV_DATA = "CCA_JAX_EVAL_DATA"
+HUB = "hub"  # --data-dir value: download the data once (evaluate/hub_data.py)
 DEFAULT_DATA = Path("..") / "shared" / "data" / "eval"
 LETTERS = ("A", "B", "C", "D")
 
@@ -98,7 +99,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, tasks: Iterable[
     """``data_dir``, else $CCA_JAX_EVAL_DATA, else ../shared/data/eval (relative to the cwd).
     ``hub`` (as either): what ``tasks`` need, downloaded from the hub once into a cache."""
     for given, what in ((data_dir, "--data-dir"), (os.environ.get(ENV_DATA) or None, f"${ENV_DATA}")):
-        if given is not None and str(given) == "hub":
+        if given is not None and str(given) == HUB:
             from cca_jax.evaluate import hub_data
 
             return hub_data.materialize(tasks)
