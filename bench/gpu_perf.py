@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"gemma-2-2b": ROOT / "configs/models/gemma-2-2b.yaml", "gemma-2-9b": ROOT / "configs/models/gemma-2-9b.yaml",
           "tiny": ROOT / "configs/models/tiny-llama.yaml"}  # tiny: a CPU smoke test of the script
 BATCH, SEQ, GEN_BATCH, GEN_PROMPT, GEN_NEW, SHARED = 8, 1024, 32, 896, 128, 850
-DCM_EPOCHS, DCM_BATCHES = 50, 26
+DCM_EPOCHS, DCM_BATCHES, ROTATE = 50, 26, 4
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -71,6 +71,15 @@ def _tree_bytes(tree) -> int:
     import jax
 
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _bench_knobs():
+    """BENCH_CAUSAL_BLOCKS / BENCH_MIN_BLOCK: try other causal query-block settings."""
+    from cca_jax.model import transformer as tr
+
+    for env, name in (("BENCH_CAUSAL_BLOCKS", "CAUSAL_BLOCKS"), ("BENCH_MIN_BLOCK", "MIN_BLOCK")):
+        if os.environ.get(env) and hasattr(tr, name):
+            setattr(tr, name, int(os.environ[env]))
 
 
 def _random_tokens(key, shape, vocab):
@@ -134,32 +143,37 @@ def part_dcm(name: str) -> dict:
     desired = _random_tokens(k[1], (BATCH,), cfg.vocab_size)
     undesired = _random_tokens(k[2], (BATCH,), cfg.vocab_size)
     t_cache = _median_time(lambda: dcm.prefix_cache(cfg, params, tokens, mask), warm=1, reps=5)
-    cache = dcm.prefix_cache(cfg, params, tokens, mask)
+    # as train_mask runs: every step on another batch's cache (ROTATE batches, cached once)
+    caches = [dcm.prefix_cache(cfg, params, jnp.roll(tokens, i, axis=0), mask) for i in range(ROTATE)]
+    cache = caches[0]
     config = dcm.DCMConfig()
     opt = dcm.make_optimizer(config, DCM_BATCHES)
     m = components.full(cfg, 1.0)
     state = opt.init(m)
     last = tokens[:, -1]
-    holder = {"m": m, "state": state}
+    holder = {"m": m, "state": state, "i": 0}
 
-    def step():
-        out = dcm.mask_step(cfg, opt, config.reg, config.mode, params, holder["m"], holder["state"], cache, last,
+    def step(rotate=True):  # mask_step donates m and state: each step's outputs feed the next
+        holder["i"] += 1
+        c = caches[holder["i"] % ROTATE] if rotate else cache
+        out = dcm.mask_step(cfg, opt, config.reg, config.mode, params, holder["m"], holder["state"], c, last,
                             desired, undesired)
         holder["m"], holder["state"] = out[0], out[1]
         return out[2]
 
     t_step = _median_time(step, warm=3, reps=20)
+    t_same = _median_time(lambda: step(rotate=False), warm=3, reps=20)
     # fewest bytes: weights read in the forward and again in the backward, the cached
     # keys/values read twice too
     kv_bytes = _tree_bytes((cache.k, cache.v))
     w_bytes = _tree_bytes(params)
-    return {"dcm_step_s": t_step, "cache_batch_s": t_cache,
+    return {"dcm_step_s": t_step, "dcm_step_same_batch_s": t_same, "cache_batch_s": t_cache,
             "dcm_step_amortised_1_epoch_s": t_step + t_cache,
             "dcm_step_amortised_50_epochs_s": t_step + t_cache / DCM_EPOCHS,
             "dcm_step_bytes_floor": 2 * (w_bytes + kv_bytes), "peak_GiB": _peak_gib()}
 
 
-def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None) -> dict:
+def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None, unroll: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -172,7 +186,7 @@ def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None) -> 
     rng = np.random.default_rng(0)
     # a ~3% circuit (the row mask does not change the work, only which rows move)
     mask = {k: rng.random(s) < 0.03 for k, s in components.shapes(cfg).items()}
-    acfg = amp.AmplifyConfig(remat=remat)
+    acfg = amp.AmplifyConfig(remat=remat, unroll=unroll)
     sel, row_masks = amp.selection_and_masks(mask, params, acfg)
     opt = amp.make_optimizer(acfg, row_masks)
     state, frozen = amp.init_state(params, sel, opt)
@@ -186,18 +200,22 @@ def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None) -> 
 
     def step():  # exactly the pipeline's amplification step
         train_now = jax.tree.map(lambda x: x.astype(dtype), holder["master"])
-        _, grad = amp.full_batch_grad(cfg, train_now, frozen, [batch], BATCH, remat)
+        _, grad = amp.full_batch_grad(cfg, train_now, frozen, [batch], BATCH, remat, unroll)
         del train_now
         holder["master"], holder["opt"] = apply(holder["master"], holder["opt"], grad)
         return holder["master"]
 
-    t = _median_time(step, warm=2, reps=5)
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    first = time.perf_counter() - t0  # compile + one step
+    t = _median_time(step, warm=1, reps=5)
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(2):
                 jax.block_until_ready(step())
     flops = _flops_train_step(cfg, BATCH, SEQ, acfg.targets)
-    return {"amplify_step_s": t, "remat": remat, "train_flops": flops, "peak_GiB": _peak_gib()}
+    return {"amplify_step_s": t, "remat": remat, "unroll": unroll, "first_step_s": first, "train_flops": flops,
+            "peak_GiB": _peak_gib()}
 
 
 def part_generate(name: str, shared: bool) -> dict:
@@ -245,6 +263,8 @@ PARTS = {
     "amplify": lambda n: part_amplify(n, remat=False),
     "amplify_remat": lambda n: part_amplify(n, remat=True),
     **{f"amplify_{k}": (lambda n, k=k: part_amplify(n, remat=k)) for k in ("dots", "qkv_mlp", "qkv_mlp_out")},
+    "amplify_dots_unroll": lambda n: part_amplify(n, remat="dots", unroll=True),
+    "amplify_remat_unroll": lambda n: part_amplify(n, remat=True, unroll=True),
     "generate": lambda n: part_generate(n, shared=False),
     "generate_shared": lambda n: part_generate(n, shared=True),
 }
@@ -270,6 +290,8 @@ def _sub(args: list[str], timeout: float, env: dict | None = None) -> dict:
 
 
 def _fmt(x, spec=".3f"):
+    if isinstance(x, float) and spec == ".3f" and abs(x) < 0.1:
+        spec = ".4f"  # step times of a few milliseconds
     return "-" if x is None else (x if isinstance(x, str) else format(x, spec))
 
 
@@ -293,22 +315,30 @@ def report(r: dict) -> str:
         floor = d["dcm_step_bytes_floor"] / bw if bw else None
         b = base.get("dcm_step_s_masks_only")
         bw_ = base.get("dcm_step_s_weights_grad")
-        row("DCM mask step (s), cached prefix", b, d["dcm_step_s"], _ratio(b, d["dcm_step_s"]),
-            floor / d["dcm_step_s"] if floor else None, f"vs weights-grad baseline {_fmt(_ratio(bw_, d['dcm_step_s']), '.1f')}x")
+        row(f"DCM mask step (s), cached prefix, {ROTATE} batches in turn", b, d["dcm_step_s"], _ratio(b, d["dcm_step_s"]),
+            floor / d["dcm_step_s"] if floor else None,
+            f"vs weights-grad baseline {_fmt(_ratio(bw_, d['dcm_step_s']), '.1f')}x; "
+            f"one batch over and over {_fmt(d.get('dcm_step_same_batch_s'), '.4f')} s")
         row("DCM step + prefix caching over 1 epoch (s)", b, d["dcm_step_amortised_1_epoch_s"],
             _ratio(b, d["dcm_step_amortised_1_epoch_s"]), None, f"caching one batch {d['cache_batch_s']:.3f} s")
         row(f"DCM step + caching over {DCM_EPOCHS} epochs (s)", b, d["dcm_step_amortised_50_epochs_s"],
             _ratio(b, d["dcm_step_amortised_50_epochs_s"]), None, "")
     elif "dcm" in r:
         row("DCM mask step (s)", base.get("dcm_step_s_masks_only"), d.get("error"), None, None)
-    for key, label in [("amplify", "amplification grad step (s)"), ("amplify_remat", "amplification grad step, remat (s)")] + [
-            (f"amplify_{k}", f"amplification grad step, remat {k} (s)") for k in ("dots", "qkv_mlp", "qkv_mlp_out")]:
+    labels = {"amplify": "amplification grad step, no remat (s)", "amplify_remat": "amplification grad step, full remat (s)",
+              "amplify_dots": "amplification grad step, remat dots (s)",
+              "amplify_qkv_mlp": "amplification grad step, remat qkv_mlp (s)",
+              "amplify_qkv_mlp_out": "amplification grad step, remat qkv_mlp_out (s)",
+              "amplify_dots_unroll": "amplification grad step, remat dots, layers unrolled (s)",
+              "amplify_remat_unroll": "amplification grad step, full remat, layers unrolled (s)"}
+    for key, label in labels.items():
         a = r.get(key, {})
         if "amplify_step_s" in a:
             floor = a["train_flops"] / mm if mm else None
             b = base.get("update_step_s")
             row(label, b, a["amplify_step_s"], _ratio(b, a["amplify_step_s"]), floor / a["amplify_step_s"] if floor else None,
-                f"peak {_fmt(a['peak_GiB'], '.1f')} GiB vs baseline {_fmt(base.get('peak_mem_GiB_train'), '.1f')} GiB")
+                f"peak {_fmt(a['peak_GiB'], '.1f')} GiB vs baseline {_fmt(base.get('peak_mem_GiB_train'), '.1f')} GiB; "
+                f"first step (compile) {_fmt(a.get('first_step_s'), '.0f')} s")
         elif key in r:
             row(label, base.get("update_step_s"), a.get("error"), None, None)
     for key, label in (("generate", "greedy generation (tok/s)"), ("generate_shared", "greedy generation, shared 850-token context (tok/s)")):
@@ -340,12 +370,14 @@ def main():
     ap.add_argument("--part", choices=list(PARTS), help="run one measurement and print it as JSON")
     ap.add_argument("--model", default="gemma-2-2b", choices=list(MODELS))
     ap.add_argument("--baseline", default=str(ROOT.parent / "shared/bench/torch_baseline.py"))
-    ap.add_argument("--only", default="limits,dcm,amplify_dots,amplify_remat,generate,generate_shared,baseline",
+    ap.add_argument("--only", default="limits,dcm,amplify_dots,amplify_dots_unroll,amplify_remat,generate,generate_shared,"
+                                      "baseline",
                     help="comma-separated parts for the driver")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--timeout", type=float, default=400)
     args = ap.parse_args()
     if args.part:
+        _bench_knobs()
         print(json.dumps(PARTS[args.part](args.model)))
         return
     only = args.only.split(",")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, SEQ, _median_time, _model  # noqa: E402
+from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
 
 
 def main():
@@ -22,11 +22,14 @@ def main():
     ap.add_argument("--model", default="gemma-2-2b")
     ap.add_argument("--parts", default="prefill,decode,dcm,amplify")
     ap.add_argument("--policy", default="dots", help="amplify remat policy")
+    ap.add_argument("--unroll", action="store_true", help="amplify with the layers unrolled")
     ap.add_argument("--trace", action="store_true", help="also write a jax.profiler trace of each part")
     args = ap.parse_args()
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    _bench_knobs()
 
     from cca_jax.generate import _decode, _prefill, Sampling
     from cca_jax.model.cache import init_cache
@@ -84,19 +87,38 @@ def main():
         st = opt.init(m)
         d = t8[:, 0]
         args_ = (cfg, opt, config.reg, config.mode, params, m, st, c, t8[:, -1], d, d + 1)
-        res["dcm_step_s"] = _median_time(lambda: dcm.mask_step(*args_)[2], warm=2, reps=10)
+        dh = {"m": m, "st": st}  # mask_step donates m and st: each step's outputs feed the next
+
+        def chained():
+            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], *args_[7:])
+            dh["m"], dh["st"] = o[0], o[1]
+            return o[2]
+
+        res["dcm_chained_step_s"] = _median_time(chained, warm=3, reps=20)
+        # as train_mask runs it: each step on another batch's cache
+        caches = [c] + [dcm.prefix_cache(cfg, params, jnp.roll(t8, i, axis=0), m8) for i in (1, 2, 3)]
+        rot = {"i": 0}
+
+        def rotating():
+            rot["i"] += 1
+            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], caches[rot["i"] % 4], *args_[8:])
+            dh["m"], dh["st"] = o[0], o[1]
+            return o[2]
+
+        res["dcm_rotating_step_s"] = _median_time(rotating, warm=3, reps=20)
         (out / "dcm.hlo.txt").write_text(dcm.mask_step.lower(*args_).compile().as_text())
     if "amplify" in parts:
         from gpu_perf import part_amplify  # noqa: E402
 
         res["amplify"] = part_amplify(args.model, args.policy if args.policy != "none" else False,
-                                      trace_dir=str(out / "trace_amplify") if args.trace else None)
+                                      trace_dir=str(out / "trace_amplify") if args.trace else None,
+                                      unroll=args.unroll)
     if args.trace:
         traced = {}
         if "decode" in parts:
             traced["decode"] = dec
         if "dcm" in parts:
-            traced["dcm"] = lambda: dcm.mask_step(*args_)[2]
+            traced["dcm"] = rotating
         for name, fn in traced.items():
             jax.block_until_ready(fn())
             with jax.profiler.trace(str(out / f"trace_{name}"), create_perfetto_trace=True):

@@ -244,7 +244,9 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
 
     # -- amplification (resumable) -----------------------------------------------------------
     acfg = config.amplify
-    amp_key = _hash([circ_key, dataclasses.asdict(acfg), _hash(base["val"])])
+    # unroll changes how the step compiles, not what it computes: runs resume across it
+    amp_fields = {k: v for k, v in dataclasses.asdict(acfg).items() if k != "unroll"}
+    amp_key = _hash([circ_key, amp_fields, _hash(base["val"])])
     amp_dir = stages.dir("amplify")
     params = model.params()
     sel, row_masks = amp.selection_and_masks(mask, params, acfg)
@@ -280,7 +282,8 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         while state.step < acfg.steps:
             # the gradient of the model as it runs (working dtype); the update lands in float32
             train_now = jax.tree.map(lambda x: x.astype(dtype), state.master)
-            loss, grad = amp.full_batch_grad(model.config, train_now, frozen, bs, len(examples), acfg.remat)
+            loss, grad = amp.full_batch_grad(model.config, train_now, frozen, bs, len(examples), acfg.remat,
+                                                   acfg.unroll)
             del train_now  # peak memory: the working copy is not needed for the update
             state.master, state.opt_state = apply(state.master, state.opt_state, grad)
             del grad

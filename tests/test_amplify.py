@@ -98,3 +98,35 @@ def test_float32_masters_keep_small_steps_that_bf16_would_round_away(model):
     direct = np.asarray((params16["layers"]["attn"]["q"].astype(jnp.float32)
                          - 1e-4 * grad["layers"]["attn"]["q"]).astype(jnp.bfloat16), np.float32)
     assert moved.mean() > 0.9 and (direct != q0).mean() < moved.mean()
+
+
+@pytest.mark.parametrize("remat", [False, "dots"])
+def test_unrolled_layers_give_the_scanned_gradient(model, remat):
+    """amplify.unroll runs the layers unrolled (per-layer saved activations): the same loss
+    and gradient as the scanned layers."""
+    cfg, params = model.config, model.params()
+    acfg = amp.AmplifyConfig(targets=("q", "k", "v", "up"))
+    sel, _ = amp.selection_and_masks(small_mask(cfg), params, acfg)
+    train, frozen = amp.split_params(params, sel)
+    bs = batches(examples(6), 4, 0)
+    l_scan, g_scan = amp.full_batch_grad(cfg, train, frozen, bs, 6, remat)
+    l_unr, g_unr = amp.full_batch_grad(cfg, train, frozen, bs, 6, remat, unroll=True)
+    assert abs(l_scan - l_unr) <= 1e-5 * max(1.0, abs(l_scan))
+    leaves = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_unr))]
+    assert len(leaves) >= 4 and max(np.abs(a).max() for a, _ in leaves) > 1e-4
+    assert max(np.abs(a - b).max() for a, b in leaves) <= 1e-5
+
+
+def test_loss_is_the_mean_logit_difference_of_the_full_forward(model):
+    """The loss reads only the desired/undesired logits: it equals -mean(logit diff) taken
+    from the model's full output at the last position."""
+    cfg, params = model.config, model.params()
+    sel, _ = amp.selection_and_masks(small_mask(cfg), params, amp.AmplifyConfig())
+    train, frozen = amp.split_params(params, sel)
+    exs = examples(5)
+    b = make_batch(exs, length=16)
+    loss, _ = amp.full_batch_grad(cfg, train, frozen, [b], len(exs))
+    lg = np.asarray(model(jnp.asarray(b.tokens), mask=jnp.asarray(b.mask)).logits[:, -1])
+    rows = np.arange(len(exs))
+    want = -np.mean(lg[rows, b.desired] - lg[rows, b.undesired])
+    assert abs(want) > 1e-3 and abs(loss - want) <= 1e-5 * max(1.0, abs(want))

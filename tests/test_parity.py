@@ -106,3 +106,86 @@ def test_logits_at_positions(hf_dirs):
     assert part.shape == (2, 2, tiny.VOCAB)
     for b in range(2):
         np.testing.assert_array_equal(part[b], full[b, at[b]])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_causal_query_blocks_match_transformers_and_one_block(hf_dirs, family, monkeypatch):
+    """Long calls run attention in causal query blocks (only keys up to each block's end):
+    with blocks of 4 tokens a 16-token call has 4, and its logits and gradients equal the
+    one-block computation and transformers', with left padding and a sliding window."""
+    import jax
+
+    from cca_jax.model import transformer as tr
+
+    hf, d = hf_dirs[family]
+    model, _ = cca_jax.load_model(d)
+    ids = tiny.tokens(2, 16, seed=5)
+    mask = np.ones((2, 16), bool)
+    mask[1, :5] = False  # left padding in the second row
+    monkeypatch.setattr(tr, "MIN_BLOCK", 4)
+    assert tr._causal_blocks(16) == 4
+    ref = hf_logits(hf, ids, attention_mask=mask.astype(np.int64))
+    got = np.asarray(model(jnp.asarray(ids), mask=jnp.asarray(mask)).logits)
+    assert np.abs(got[mask] - ref[mask]).max() <= TOL
+
+    def loss(params):
+        lg = tr.forward(model.config, params, jnp.asarray(ids), mask=jnp.asarray(mask)).logits
+        return jnp.sum(jnp.where(jnp.asarray(mask)[..., None], lg, 0.0) ** 2) / 1e3
+
+    g4 = jax.grad(loss)(model.params())
+    monkeypatch.setattr(tr, "CAUSAL_BLOCKS", 1)
+    assert tr._causal_blocks(16) == 1
+    g1 = jax.grad(loss)(model.params())
+    one = np.asarray(model(jnp.asarray(ids), mask=jnp.asarray(mask)).logits)
+    assert np.abs(one[mask] - got[mask]).max() <= 1e-5
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g4, g1))
+    scale = max(jax.tree.leaves(jax.tree.map(lambda a: float(jnp.abs(a).max()), g1)))
+    assert scale > 1e-3 and max(diffs) <= 1e-5 * max(1.0, scale)
+
+
+def test_per_layer_weights_match_stacked(hf_dirs):
+    """unstack_layers merges q/k/v and gate/up per layer: the same logits, with a cache."""
+    from cca_jax.model.transformer import unstack_layers
+
+    _, d = hf_dirs["qwen2"]  # biases on q/k/v
+    model, _ = cca_jax.load_model(d)
+    cfg, params = model.config, model.params()
+    per = unstack_layers(params)
+    assert "qkv" in per["layers"][0]["attn"] and "gate_up" in per["layers"][0]["mlp"]
+    ids = jnp.asarray(tiny.tokens(2, 9, seed=2))
+    cache = cca_jax.init_cache(cfg, batch=2, size=16)
+    a = cca_jax.forward(cfg, params, ids[:, :8], cache=cache)
+    b = cca_jax.forward(cfg, per, ids[:, :8], cache=cache)
+    assert np.abs(np.asarray(a.logits) - np.asarray(b.logits)).max() <= TOL
+    a2 = cca_jax.forward(cfg, params, ids[:, 8:], cache=a.cache)
+    b2 = cca_jax.forward(cfg, per, ids[:, 8:], cache=b.cache)
+    assert np.abs(np.asarray(a2.logits) - np.asarray(b2.logits)).max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prefill_into_empty_cache_matches_the_general_write_path(hf_dirs, family, monkeypatch):
+    """A long call into an empty cache (init_cache) attends over its own tokens in causal
+    query blocks and writes them after; the same cache flagged non-empty takes the general
+    path over every slot. Both equal the full forward, and decoding goes on the same."""
+    from cca_jax.model import transformer as tr
+
+    _, d = hf_dirs[family]
+    model, _ = cca_jax.load_model(d)
+    monkeypatch.setattr(tr, "MIN_BLOCK", 4)
+    ids = tiny.tokens(2, 15, seed=4)
+    mask = np.ones((2, 15), bool)
+    mask[0, :3] = False  # left padding
+    full = np.asarray(model(jnp.asarray(ids), mask=jnp.asarray(mask)).logits)
+    empty = cca_jax.init_cache(model.config, batch=2, size=16)
+    assert empty.empty
+    outs = []
+    for cache in (empty, empty.replace(empty=False)):
+        out = model(jnp.asarray(ids[:, :12]), mask=jnp.asarray(mask[:, :12]), cache=cache)
+        assert not out.cache.empty
+        step = model(jnp.asarray(ids[:, 12:]), cache=out.cache)
+        outs.append((out, step))
+        got = np.concatenate([np.asarray(out.logits), np.asarray(step.logits)], axis=1)
+        assert np.abs(got[mask] - full[mask]).max() <= TOL
+    (a, a2), (b, b2) = outs
+    for x, y in zip(a2.cache.k + a2.cache.v, b2.cache.k + b2.cache.v):
+        assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 1e-5

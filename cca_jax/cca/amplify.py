@@ -22,7 +22,7 @@ from cca_jax.cca import components
 from cca_jax.cca.examples import Batch
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
-from cca_jax.model.transformer import forward
+from cca_jax.model.transformer import forward, layer_list
 
 # SPEC 4: val accuracy at these steps (and step 0, the unchanged model)
 EVAL_STEPS = (2, 4, 5, 6, 8, 10, 15, 20, 25, 30, 35, 40, 45, 50)
@@ -38,6 +38,10 @@ class AmplifyConfig:
     batch_size: int = 8  # micro-batch for the full-batch gradient
     eval_steps: tuple[int, ...] = EVAL_STEPS
     remat: bool | str = False  # True / a policy name of model.transformer.REMAT_POLICIES
+    # run the layers unrolled rather than scanned: each layer's saved activations stay
+    # their own buffers instead of being copied into the scan's stacked ones (faster on
+    # a GPU; compiles more slowly)
+    unroll: bool = False
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam"):
@@ -93,24 +97,38 @@ def selection_and_masks(mask, params, config: AmplifyConfig):
 def _loss_sum(train, frozen, cfg, batch_tokens, batch_mask, desired, undesired, remat):
     params = merge_params(train, frozen)
     B, T = batch_tokens.shape
-    out = forward(cfg, params, batch_tokens, mask=batch_mask, at=jnp.full((B, 1), T - 1), remat=remat)
+    # only the 2B logits the loss reads (B, 2B) over [desired | undesired]: the rest of the
+    # output matmul and its gradient (a read of the whole vocabulary each way) are skipped
+    out = forward(cfg, params, batch_tokens, mask=batch_mask, at=jnp.full((B, 1), T - 1), remat=remat,
+                  vocab=jnp.concatenate([desired, undesired]))
     lg = out.logits[:, 0]
-    d = jnp.take_along_axis(lg, desired[:, None], axis=1)[:, 0]
-    u = jnp.take_along_axis(lg, undesired[:, None], axis=1)[:, 0]
+    d = jnp.take_along_axis(lg, jnp.arange(B)[:, None], axis=1)[:, 0]
+    u = jnp.take_along_axis(lg, B + jnp.arange(B)[:, None], axis=1)[:, 0]
     return -jnp.sum(d - u)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "remat"))
-def _grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False):
-    return jax.value_and_grad(_loss_sum)(train, frozen, cfg, tokens, mask, desired, undesired, remat)
+def _per_layer(tree):
+    return {**tree, "layers": layer_list(tree["layers"])}
 
 
-def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n: int, remat: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "remat", "unroll"))
+def _grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False):
+    if not unroll:
+        return jax.value_and_grad(_loss_sum)(train, frozen, cfg, tokens, mask, desired, undesired, remat)
+    # layers unrolled: differentiate with respect to per-layer slices and stack their
+    # gradients once, instead of XLA assembling each stacked gradient from padded slices
+    loss, g = jax.value_and_grad(_loss_sum)(_per_layer(train), _per_layer(frozen), cfg, tokens, mask, desired,
+                                            undesired, remat)
+    return loss, {**g, "layers": jax.tree.map(lambda *a: jnp.stack(a), *g["layers"])}
+
+
+def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n: int, remat: bool = False,
+                    unroll: bool = False):
     """(loss, grad) of -sum(logit diff)/N over all batches, accumulated in float32."""
     total_loss, total = 0.0, None
     for b in batches:
         loss, g = _grad_sum(train, frozen, cfg, jnp.asarray(b.tokens), jnp.asarray(b.mask),
-                            jnp.asarray(b.desired), jnp.asarray(b.undesired), remat)
+                            jnp.asarray(b.desired), jnp.asarray(b.undesired), remat, unroll)
         total = _accumulate(total, g, 1.0 / n)
         total_loss += float(loss)
     return total_loss / n, total

@@ -108,12 +108,14 @@ def make_optimizer(config: DCMConfig, batches_per_epoch: int) -> optax.GradientT
     return optax.adam(schedule)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opt", "reg", "mode"))
+@functools.partial(jax.jit, static_argnames=("cfg", "opt", "reg", "mode"), donate_argnames=("m", "state"))
 def mask_step(cfg: ModelConfig, opt, reg: float, mode: str, params, m: dict, state, cache, last, desired,
               undesired):
     """One DCM step on a cached batch: Adam on the mask, clamp to [0, 1]. Returns
     (m, state, loss, kept). ``params`` is an argument, not a closure constant, so the
-    weights are never baked into the compiled program."""
+    weights are never baked into the compiled program. ``m`` and ``state`` are donated
+    (do not use them after the call): the new ones then live where the old ones did, so
+    a GPU replays the step's recorded command buffer with fewer addresses to update."""
     loss, g = jax.value_and_grad(loss_cached, argnums=2)(cfg, params, m, cache, last, desired, undesired,
                                                           reg, mode)
     upd, state = opt.update(g, state, m)

@@ -5,7 +5,9 @@ batches, sliding windows and decoding after a shared prefix need no special case
 
 Keys and values are one buffer per layer (a tuple), not one stacked array: a matmul
 reads a whole buffer in place, while a slice of a stacked array is first copied out
-(measured on an H100: that copy tripled the bytes a decode step moves).
+(measured on an H100: that copy tripled the bytes a decode step moves). Each buffer is
+(B, KV, S, Dh), heads before slots, so that attention's batched matmuls (batch dims
+b, kv-head) read it as it lies; a (B, S, KV, Dh) buffer is transposed first.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from cca_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer (B, S, KV, Dh)
-    v: tuple[jax.Array, ...]  # per layer (B, S, KV, Dh)
+    k: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
+    v: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
     pos: jax.Array  # (B, S) int32 position held by each slot, -1 if none
     index: jax.Array  # () int32: next slot to write
+    # static: True for a cache straight from init_cache. A long call into an empty cache
+    # attends over its own tokens only (causal query blocks, no empty slots) and then
+    # writes them; the cache it returns is not empty.
+    empty: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def size(self) -> int:
@@ -34,10 +40,11 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
     return KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         pos=jnp.full((batch, size), -1, jnp.int32),
         index=jnp.zeros((), jnp.int32),
+        empty=True,
     )

@@ -138,43 +138,97 @@ def _softmax_masked(s, mask, cfg):
     return jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0)  # padding queries
 
 
+def _softmax_two(s_a, mask_a, s_b, mask_b, cfg):
+    """Softmax over the keys of two score blocks, as if concatenated, without the concat:
+    on a GPU the concatenated form costs a poorly parallelised copy (and its backward a
+    split) per layer per step. s_*: (B, KV, G, T, S_*); mask_*: (B, T, S_*)."""
+    neg = jnp.finfo(jnp.float32).min
+    s_a = jnp.where(mask_a[:, None, None], softcap(s_a * cfg.scale, cfg.attn_logit_softcap), neg)
+    s_b = jnp.where(mask_b[:, None, None], softcap(s_b * cfg.scale, cfg.attn_logit_softcap), neg)
+    top = jax.lax.stop_gradient(jnp.maximum(s_a.max(-1, keepdims=True), s_b.max(-1, keepdims=True)))
+    e_a, e_b = jnp.exp(s_a - top), jnp.exp(s_b - top)
+    z = e_a.sum(-1, keepdims=True) + e_b.sum(-1, keepdims=True)
+    valid = (mask_a.any(-1) | mask_b.any(-1))[:, None, None, :, None]  # padding queries: 0
+    inv = jnp.where(valid, 1.0 / z, 0.0)
+    return e_a * inv, e_b * inv
+
+
 def _attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding):
     """Attention of a few new queries over the cached slots (read-only) and the new keys.
 
     Keeping the cache read-only inside the layer scan (the new keys/values are written
     once after it) means no gradient flows into the cache and the scan carries no copy of
-    it. qg (B,T,KV,G,Dh); k, v (B,T,KV,Dh); kc, vc (B,S,KV,Dh)."""
+    it. qg (B,T,KV,G,Dh); k, v (B,T,KV,Dh); kc, vc (B,KV,S,Dh)."""
     f32 = jnp.float32
-    s_c = jnp.einsum("btkgd,bskd->bkgts", qg, kc.astype(qg.dtype), preferred_element_type=f32)
+    s_c = jnp.einsum("btkgd,bksd->bkgts", qg, kc.astype(qg.dtype), preferred_element_type=f32)
     # the new tokens' own scores and values as multiply-and-reduce (a few elements): as
     # matmuls XLA merges them with the cached ones by concatenating keys/values to the
     # cache, a copy of the whole layer cache per call (measured: a quarter of a decode step)
     s_n = jnp.sum(qg.astype(f32)[:, :, None, :, :, :].transpose(0, 3, 4, 1, 2, 5)
                   * k.astype(f32).transpose(0, 2, 1, 3)[:, :, None, None, :, :], axis=-1)  # (B, KV, G, T, T)
-    S = kc.shape[1]
-    mask = jnp.concatenate([_scores_mask(q_pos, kpos_old, sliding, cfg), _scores_mask(q_pos, kpos_new, sliding, cfg)],
-                           axis=-1)
-    probs = _softmax_masked(jnp.concatenate([s_c, s_n], axis=-1), mask, cfg)
-    p_c, p_n = probs[..., :S], probs[..., S:]
-    out_c = jnp.einsum("bkgts,bskd->btkgd", p_c.astype(vc.dtype), vc, preferred_element_type=f32)
+    p_c, p_n = _softmax_two(s_c, _scores_mask(q_pos, kpos_old, sliding, cfg),
+                            s_n, _scores_mask(q_pos, kpos_new, sliding, cfg), cfg)
+    out_c = jnp.einsum("bkgts,bksd->btkgd", p_c.astype(vc.dtype), vc, preferred_element_type=f32)
     out_n = jnp.sum(p_n.transpose(0, 3, 1, 2, 4)[..., None]
                     * v.astype(f32).transpose(0, 2, 1, 3)[:, None, :, None, :, :], axis=-2)  # (B, T, KV, G, Dh)
     return (out_c + out_n).astype(v.dtype)  # (B, T, KV, G, Dh)
 
 
-def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at):
+# A long call without a cache runs causal attention in this many query blocks, each
+# against the keys up to its end only: the blocks above the diagonal (3/8 of the scores
+# and of their elementwise passes at 4 blocks) are never computed.
+CAUSAL_BLOCKS = 4
+MIN_BLOCK = 256
+
+
+def _causal_blocks(T: int) -> int:
+    n = min(CAUSAL_BLOCKS, T // MIN_BLOCK)
+    while n > 1 and T % n:
+        n -= 1
+    return max(n, 1)
+
+
+def _heads_major(qg, k, v):
+    """(B,T,KV,G,Dh), (B,T,KV,Dh) -> (B,KV,G,T,Dh), (B,KV,T,Dh): attention's batched
+    matmuls (batch dims b, kv-head) then produce scores with the keys innermost, so the
+    softmax reduces along contiguous rows (with (t, g) innermost XLA transposed the f32
+    scores back and forth: a sixth of an amplification step, measured)."""
+    return qg.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _attend_self(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks: int):
+    """Attention over this call's own tokens (heads-major: qh (B,KV,G,T,Dh), kh/vh
+    (B,KV,T,Dh)); returns (B,T,KV,G,Dh). With ``blocks`` > 1 the queries run in blocks
+    against the keys up to the block's end: exact when a later token never has an
+    earlier position (default positions), since those keys are masked anyway."""
+    T = qh.shape[3]
+    outs = []
+    for b in range(blocks):
+        lo, hi = b * T // blocks, (b + 1) * T // blocks
+        s = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi], preferred_element_type=jnp.float32)
+        probs = _softmax_masked(s, _scores_mask(q_pos[:, lo:hi], k_pos[:, :hi], sliding, cfg), cfg)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(vh.dtype), vh[:, :, :hi]))
+    out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4)
+
+
+def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at, blocks=1):
     """One attention sublayer. Returns (output, this layer's cache after the call, activations).
 
-    kv_cache: None (attend over this call's tokens); ("write", kc, vc, index): this
-    layer's (B, S, KV, Dh) buffers, this call's keys/values written at ``index`` and
-    attention over the whole buffer; ("read", kc, vc): the buffers read-only, attention
-    over them plus this call's keys (the caller writes the new keys/values afterwards,
-    so no gradient flows into the cache)."""
+    kv_cache: None (attend over this call's tokens, in ``blocks`` causal query blocks);
+    ("fresh",): an empty cache: attend as with None and return this call's keys/values
+    for the caller to write; ("write", kc, vc, index): this layer's (B, KV, S, Dh) buffers, this call's
+    keys/values written at ``index`` and attention over the whole buffer; ("read", kc,
+    vc): the buffers read-only, attention over them plus this call's keys (the caller
+    writes the new keys/values afterwards, so no gradient flows into the cache)."""
     B, T, _ = x.shape
     H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = jnp.einsum("btd,dhk->bthk", x, p["q"])
-    k = jnp.einsum("btd,dhk->bthk", x, p["k"])
-    v = jnp.einsum("btd,dhk->bthk", x, p["v"])
+    if "qkv" in p:  # per-layer form (unstack_layers): one matmul over [q | k | v] heads
+        q, k, v = jnp.split(jnp.einsum("btd,dhk->bthk", x, p["qkv"]), [H, H + KV], axis=2)
+    else:
+        q = jnp.einsum("btd,dhk->bthk", x, p["q"])
+        k = jnp.einsum("btd,dhk->bthk", x, p["k"])
+        v = jnp.einsum("btd,dhk->bthk", x, p["v"])
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     q = iv_lib.apply(q, "q", layer_iv, where)
@@ -193,23 +247,25 @@ def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, w
     v = _name(v, "qkv")
     G = H // KV
     qg = q.reshape(B, T, KV, G, Dh)
-    if kv_cache is not None and kv_cache[0] == "read":
+    if kv_cache is None or kv_cache[0] == "fresh":
+        out = _attend_self(cfg, *_heads_major(qg, k, v), q_pos, k_pos, sliding, blocks).reshape(B, T, H, Dh)
+        new_kv = None if kv_cache is None else (k, v)  # (B, T, KV, Dh): the caller writes them
+    elif kv_cache[0] == "read":
         _, kc, vc = kv_cache
         k, v = k.astype(kc.dtype), v.astype(vc.dtype)
         kpos_old, kpos_new = k_pos
         out = _attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding).reshape(B, T, H, Dh)
-        new_kv = (k, v)
+        new_kv = (k, v)  # (B, T, KV, Dh): the caller writes them into the buffers
     else:
-        if kv_cache is None:
-            k_all, v_all, new_kv = k, v, None
-        else:
-            _, kc, vc, index = kv_cache
-            k_all = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, index, 0, 0))
-            new_kv = (k_all, v_all)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
+        _, kc, vc, index = kv_cache
+        qh, kh, vh = _heads_major(qg, k.astype(kc.dtype), v.astype(vc.dtype))
+        k_all = jax.lax.dynamic_update_slice(kc, kh, (0, 0, index, 0))
+        v_all = jax.lax.dynamic_update_slice(vc, vh, (0, 0, index, 0))
+        new_kv = (k_all, v_all)
+        s = jnp.einsum("bkgtd,bksd->bkgts", qh, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
         probs = _softmax_masked(s, _scores_mask(q_pos, k_pos, sliding, cfg), cfg)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_all.dtype), v_all).reshape(B, T, H, Dh)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_all.dtype), v_all)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
     out = jnp.einsum("bthd,hdm->btm", out.astype(x.dtype), p["o"])
     if cfg.o_bias:
         out = out + p["o_bias"]
@@ -233,6 +289,15 @@ def _mlp(cfg, p, x, layer_iv, where, collect, at):
     return _name(out, "block_out"), ({"mlp": _gather(h, at)} if collect else {})
 
 
+def layer_list(layers: Params) -> tuple[Params, ...]:
+    """Stacked ``layers`` (L, ...) as a tuple of per-layer slices (inside jit: the layers
+    then run unrolled, and gradients flow back into the stacked arrays)."""
+    if isinstance(layers, (list, tuple)):
+        return tuple(layers)
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+
+
 def unstack_layers(params: Params) -> Params:
     """The same parameters with ``layers`` as a tuple of per-layer dicts (a copy of the
     layer weights). ``forward`` accepts either form; memory-bound calls (decoding, the
@@ -254,7 +319,10 @@ def _split_layers(layers, n: int):
         # the weights anew on every call (a quarter of a decode step, measured)
         mlp = {k: v for k, v in lp["mlp"].items() if k not in ("gate", "up")}
         mlp["gate_up"] = jnp.concatenate([lp["mlp"]["gate"], lp["mlp"]["up"]], axis=-1)
-        out.append({**lp, "mlp": mlp})
+        # likewise q, k and v (XLA concatenated their weights on every decode step)
+        attn = {k: v for k, v in lp["attn"].items() if k not in ("q", "k", "v")}
+        attn["qkv"] = jnp.concatenate([lp["attn"]["q"], lp["attn"]["k"], lp["attn"]["v"]], axis=1)
+        out.append({**lp, "attn": attn, "mlp": mlp})
     return tuple(out)
 
 
@@ -293,6 +361,10 @@ def forward(
     B, T = tokens.shape
     if mask is None:
         mask = jnp.ones((B, T), bool)
+    small = cache is not None and T <= SMALL_T  # read the cache in place, write after the layers
+    fresh = cache is not None and cache.empty and not small  # attend over this call only, then write
+    # default positions never decrease along a row: later keys are always masked for a query
+    blocks = _causal_blocks(T) if positions is None and (cache is None or fresh) else 1
     if positions is None:
         start = cache.next_positions()[:, None] if cache is not None else 0
         positions = start + jnp.cumsum(mask, axis=1) - 1
@@ -317,15 +389,13 @@ def forward(
     sliding = jnp.asarray(np.array(cfg.sliding_layers, bool))
     eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
 
-    small = cache is not None and T <= SMALL_T  # read the cache in place, write after the layers
-
     def block(x, xs):
         lp, is_sliding, layer_iv, kv_arg, kpos_arg = xs
         c = jnp.where(is_sliding, cos_l, cos) if cfg.rope_local is not None else cos
         s_ = jnp.where(is_sliding, sin_l, sin) if cfg.rope_local is not None else sin
         h = rms_norm(x, lp["attn_norm"], eps, plus) if cfg.pre_attn_norm else x
         a, kv_layer, acts = _attention(cfg, lp["attn"], h, positions, kv_arg, kpos_arg, is_sliding, c, s_,
-                                       layer_iv, where, collect, at)
+                                       layer_iv, where, collect, at, blocks)
         if cfg.post_attn_norm:
             a = rms_norm(a, lp["post_attn_norm"], eps, plus)
         x = x + a
@@ -344,12 +414,24 @@ def forward(
     layers = params["layers"]
     per_layer = isinstance(layers, (list, tuple))
     new_cache = None
-    if cache is None and not per_layer:
-        # no cache: one compiled block scanned over the stacked layers
-        x, (acts, _) = jax.lax.scan(lambda x, xs: block(x, (*xs, None, kpos_new)), x, (layers, sliding, layer_ivs))
+
+    def written(kvs):
+        """This call's keys/values (B, T, KV, Dh) per layer into their slots, in place."""
+        return [tuple(jax.lax.dynamic_update_slice(full, new.transpose(0, 2, 1, 3).astype(full.dtype),
+                                                   (0, 0, cache.index, 0))
+                      for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
+
+    if (cache is None or fresh) and not per_layer:
+        # no cache (or an empty one): one compiled block scanned over the stacked layers
+        kv_arg = None if cache is None else ("fresh",)
+        x, (acts, kv) = jax.lax.scan(lambda x, xs: block(x, (*xs, kv_arg, kpos_new)), x, (layers, sliding, layer_ivs))
+        if fresh:
+            kvs = written([(kv[0][i], kv[1][i]) for i in range(cfg.num_layers)])
+            new_cache = KVCache(k=tuple(a for a, _ in kvs), v=tuple(b for _, b in kvs), pos=kpos_all,
+                                index=cache.index + T)
     elif not small and not per_layer:
-        # many tokens into a cache (prefill, scoring): compute-bound, so a scan (one compiled
-        # block) over the buffers stacked for the call; the copies cost little next to the work
+        # many tokens into a cache (scoring after a prefix): compute-bound, so a scan (one
+        # compiled block) over the buffers stacked for the call; the copies cost little next to the work
         def body(x, xs):
             lp, is_sliding, liv, kc, vc = xs
             return block(x, (lp, is_sliding, liv, ("write", kc, vc, cache.index), kpos_all))
@@ -368,6 +450,8 @@ def forward(
                 kv_arg, kpos_arg = None, kpos_new
             elif small:
                 kv_arg, kpos_arg = ("read", cache.k[i], cache.v[i]), (cache.pos, kpos_new)
+            elif fresh:
+                kv_arg, kpos_arg = ("fresh",), kpos_new
             else:
                 kv_arg, kpos_arg = ("write", cache.k[i], cache.v[i], cache.index), kpos_all
             x, y = block(x, (lp, sliding[i], liv, kv_arg, kpos_arg))
@@ -375,9 +459,8 @@ def forward(
         acts = jax.tree.map(lambda *a: jnp.stack(a), *[y[0] for y in ys])
         if cache is not None:
             kvs = [y[1] for y in ys]
-            if small:  # this call's keys/values into their slots, in place
-                kvs = [tuple(jax.lax.dynamic_update_slice(full, new, (0, cache.index, 0, 0))
-                             for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
+            if small or fresh:
+                kvs = written(kvs)
             new_cache = KVCache(k=tuple(kv[0] for kv in kvs), v=tuple(kv[1] for kv in kvs), pos=kpos_all,
                                 index=cache.index + T)
 
