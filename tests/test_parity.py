@@ -189,3 +189,28 @@ def test_prefill_into_empty_cache_matches_the_general_write_path(hf_dirs, family
     (a, a2), (b, b2) = outs
     for x, y in zip(a2.cache.k + a2.cache.v, b2.cache.k + b2.cache.v):
         assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 1e-5
+
+
+def test_bfloat16_cached_calls_run_on_cpu(hf_dirs):
+    """bf16 weights and cache on CPU (the demo's setting): XLA's CPU runtime has no
+    bf16 x bf16 -> f32 dot for the cached-attention layout, so those operands are upcast
+    there. Prefill plus decode stays close to the full bf16 forward, and a DCM step runs."""
+    from cca_jax.cca import components, dcm
+    from cca_jax.model.transformer import unstack_layers
+
+    _, d = hf_dirs["gemma2"]
+    model, _ = cca_jax.load_model(d, dtype="bfloat16")
+    cfg = model.config
+    ids = jnp.asarray(tiny.tokens(2, 12, seed=6))
+    full = np.asarray(model(ids).logits)
+    out = model(ids[:, :10], cache=cca_jax.init_cache(cfg, batch=2, size=16, dtype=jnp.bfloat16))
+    step = model(ids[:, 10:], cache=out.cache)
+    got = np.concatenate([np.asarray(out.logits), np.asarray(step.logits)], axis=1)
+    assert np.abs(got - full).max() <= 0.1 * max(1.0, np.abs(full).max())
+    cache = dcm.prefix_cache(cfg, model.params(), ids, jnp.ones(ids.shape, bool))
+    c = dcm.DCMConfig()
+    opt = dcm.make_optimizer(c, 1)
+    m0 = components.full(cfg, 1.0)
+    m1, _, loss, _ = dcm.mask_step(cfg, opt, c.reg, c.mode, unstack_layers(model.params()), m0, opt.init(m0),
+                                   cache, ids[:, -1], ids[:, 0], ids[:, 1])
+    assert np.isfinite(float(loss))

@@ -160,6 +160,10 @@ def _attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding):
     once after it) means no gradient flows into the cache and the scan carries no copy of
     it. qg (B,T,KV,G,Dh); k, v (B,T,KV,Dh); kc, vc (B,KV,S,Dh)."""
     f32 = jnp.float32
+    if jax.default_backend() == "cpu" and kc.dtype != f32:
+        # XLA's CPU runtime has no bf16 x bf16 -> f32 dot for this layout (DotThunk):
+        # there the operands are upcast; accelerators read them as stored
+        qg, kc, vc = qg.astype(f32), kc.astype(f32), vc.astype(f32)
     s_c = jnp.einsum("btkgd,bksd->bkgts", qg, kc.astype(qg.dtype), preferred_element_type=f32)
     # the new tokens' own scores and values as multiply-and-reduce (a few elements): as
     # matmuls XLA merges them with the cached ones by concatenating keys/values to the
