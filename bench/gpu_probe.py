@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
+from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, ROTATE, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
 
 
 def main():
@@ -96,12 +96,12 @@ def main():
 
         res["dcm_chained_step_s"] = _median_time(chained, warm=3, reps=20)
         # as train_mask runs it: each step on another batch's cache
-        caches = [c] + [dcm.prefix_cache(cfg, params, jnp.roll(t8, i, axis=0), m8) for i in (1, 2, 3)]
+        caches = [c] + [dcm.prefix_cache(cfg, params, jnp.roll(t8, i, axis=0), m8) for i in range(1, ROTATE)]
         rot = {"i": 0}
 
         def rotating():
             rot["i"] += 1
-            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], caches[rot["i"] % 4], *args_[8:])
+            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], caches[rot["i"] % ROTATE], *args_[8:])
             dh["m"], dh["st"] = o[0], o[1]
             return o[2]
 

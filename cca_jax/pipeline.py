@@ -283,7 +283,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
             # the gradient of the model as it runs (working dtype); the update lands in float32
             train_now = jax.tree.map(lambda x: x.astype(dtype), state.master)
             loss, grad = amp.full_batch_grad(model.config, train_now, frozen, bs, len(examples), acfg.remat,
-                                                   acfg.unroll)
+                                             acfg.unroll)
             del train_now  # peak memory: the working copy is not needed for the update
             state.master, state.opt_state = apply(state.master, state.opt_state, grad)
             del grad

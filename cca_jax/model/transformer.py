@@ -131,10 +131,13 @@ def _scores_mask(q_pos, kpos, sliding, cfg):
     return mask  # (B, T, S)
 
 
+def _capped_scores(s, mask, cfg):
+    """Scaled, soft-capped scores (B, KV, G, T, S) with masked keys at the float32 minimum."""
+    return jnp.where(mask[:, None, None], softcap(s * cfg.scale, cfg.attn_logit_softcap), jnp.finfo(jnp.float32).min)
+
+
 def _softmax_masked(s, mask, cfg):
-    s = softcap(s * cfg.scale, cfg.attn_logit_softcap)
-    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(s, axis=-1)
+    probs = jax.nn.softmax(_capped_scores(s, mask, cfg), axis=-1)
     return jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0)  # padding queries
 
 
@@ -142,9 +145,7 @@ def _softmax_two(s_a, mask_a, s_b, mask_b, cfg):
     """Softmax over the keys of two score blocks, as if concatenated, without the concat:
     on a GPU the concatenated form costs a poorly parallelised copy (and its backward a
     split) per layer per step. s_*: (B, KV, G, T, S_*); mask_*: (B, T, S_*)."""
-    neg = jnp.finfo(jnp.float32).min
-    s_a = jnp.where(mask_a[:, None, None], softcap(s_a * cfg.scale, cfg.attn_logit_softcap), neg)
-    s_b = jnp.where(mask_b[:, None, None], softcap(s_b * cfg.scale, cfg.attn_logit_softcap), neg)
+    s_a, s_b = _capped_scores(s_a, mask_a, cfg), _capped_scores(s_b, mask_b, cfg)
     top = jax.lax.stop_gradient(jnp.maximum(s_a.max(-1, keepdims=True), s_b.max(-1, keepdims=True)))
     e_a, e_b = jnp.exp(s_a - top), jnp.exp(s_b - top)
     z = e_a.sum(-1, keepdims=True) + e_b.sum(-1, keepdims=True)
@@ -417,22 +418,14 @@ def forward(
     x_in = x
     layers = params["layers"]
     per_layer = isinstance(layers, (list, tuple))
-    new_cache = None
 
-    def written(kvs):
-        """This call's keys/values (B, T, KV, Dh) per layer into their slots, in place."""
-        return [tuple(jax.lax.dynamic_update_slice(full, new.transpose(0, 2, 1, 3).astype(full.dtype),
-                                                   (0, 0, cache.index, 0))
-                      for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
-
+    kvs = None  # with a cache: per layer, its (k, v) buffers, or this call's (k, v) when small or fresh
     if (cache is None or fresh) and not per_layer:
         # no cache (or an empty one): one compiled block scanned over the stacked layers
         kv_arg = None if cache is None else ("fresh",)
         x, (acts, kv) = jax.lax.scan(lambda x, xs: block(x, (*xs, kv_arg, kpos_new)), x, (layers, sliding, layer_ivs))
         if fresh:
-            kvs = written([(kv[0][i], kv[1][i]) for i in range(cfg.num_layers)])
-            new_cache = KVCache(k=tuple(a for a, _ in kvs), v=tuple(b for _, b in kvs), pos=kpos_all,
-                                index=cache.index + T)
+            kvs = [(kv[0][i], kv[1][i]) for i in range(cfg.num_layers)]
     elif not small and not per_layer:
         # many tokens into a cache (scoring after a prefix): compute-bound, so a scan (one
         # compiled block) over the buffers stacked for the call; the copies cost little next to the work
@@ -441,7 +434,7 @@ def forward(
             return block(x, (lp, is_sliding, liv, ("write", kc, vc, cache.index), kpos_all))
 
         x, (acts, (ks, vs)) = jax.lax.scan(body, x, (layers, sliding, layer_ivs, jnp.stack(cache.k), jnp.stack(cache.v)))
-        new_cache = KVCache(k=tuple(ks), v=tuple(vs), pos=kpos_all, index=cache.index + T)
+        kvs = list(zip(ks, vs))
     else:
         # With a cache (or per-layer weights, see unstack_layers) the layers run unrolled,
         # each reading its own buffers: inside a scan XLA copies every layer's weights and
@@ -463,10 +456,14 @@ def forward(
         acts = jax.tree.map(lambda *a: jnp.stack(a), *[y[0] for y in ys])
         if cache is not None:
             kvs = [y[1] for y in ys]
-            if small or fresh:
-                kvs = written(kvs)
-            new_cache = KVCache(k=tuple(kv[0] for kv in kvs), v=tuple(kv[1] for kv in kvs), pos=kpos_all,
-                                index=cache.index + T)
+    new_cache = None
+    if cache is not None:
+        if small or fresh:  # this call's keys/values (B, T, KV, Dh) into their slots, in place
+            kvs = [tuple(jax.lax.dynamic_update_slice(full, new.transpose(0, 2, 1, 3).astype(full.dtype),
+                                                      (0, 0, cache.index, 0))
+                         for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
+        new_cache = KVCache(k=tuple(k for k, _ in kvs), v=tuple(v for _, v in kvs), pos=kpos_all,
+                            index=cache.index + T)
 
     h = _gather(x, at)
     h = rms_norm(h, params["final_norm"], eps, plus)
