@@ -74,12 +74,15 @@ def _tree_bytes(tree) -> int:
 
 
 def _bench_knobs():
-    """BENCH_CAUSAL_BLOCKS / BENCH_MIN_BLOCK: try other causal query-block settings."""
+    """BENCH_CAUSAL_BLOCKS / BENCH_MIN_BLOCK: try other causal query-block settings;
+    BENCH_DECODE_WRITE_FIRST=0/1: decode steps read the cache as a constant / write first."""
+    from cca_jax import generate as gen
     from cca_jax.model import transformer as tr
 
-    for env, name in (("BENCH_CAUSAL_BLOCKS", "CAUSAL_BLOCKS"), ("BENCH_MIN_BLOCK", "MIN_BLOCK")):
-        if os.environ.get(env) and hasattr(tr, name):
-            setattr(tr, name, int(os.environ[env]))
+    for env, mod, name in (("BENCH_CAUSAL_BLOCKS", tr, "CAUSAL_BLOCKS"), ("BENCH_MIN_BLOCK", tr, "MIN_BLOCK"),
+                           ("BENCH_DECODE_WRITE_FIRST", gen, "DECODE_WRITE_FIRST")):
+        if os.environ.get(env) and hasattr(mod, name):
+            setattr(mod, name, type(getattr(mod, name))(int(os.environ[env])))
 
 
 def _random_tokens(key, shape, vocab):

@@ -39,7 +39,9 @@ def main():
     model = _model(args.model)
     from cca_jax.model.transformer import unstack_layers
 
-    cfg, params = model.config, unstack_layers(model.params())
+    # as generate runs them: prefill on the stacked weights, decode on per-layer ones
+    cfg, stacked = model.config, model.params()
+    params = unstack_layers(stacked)
     del model
     res = {}
     parts = args.parts.split(",")
@@ -52,10 +54,11 @@ def main():
         return init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
 
     if "prefill" in parts or "decode" in parts:
-        res["prefill_s"] = _median_time(lambda: _prefill(cfg, params, toks, mask, fresh()), warm=1, reps=5)
-        (out / "prefill.hlo.txt").write_text(_prefill.lower(cfg, params, toks, mask, fresh()).compile().as_text())
+        res["prefill_s"] = _median_time(lambda: _prefill(cfg, stacked, toks, mask, fresh()), warm=1, reps=5)
+        res["prefill_unrolled_s"] = _median_time(lambda: _prefill(cfg, params, toks, mask, fresh()), warm=1, reps=5)
+        (out / "prefill.hlo.txt").write_text(_prefill.lower(cfg, stacked, toks, mask, fresh()).compile().as_text())
     if "decode" in parts:
-        logits, cache = _prefill(cfg, params, toks, mask, fresh())
+        logits, cache = _prefill(cfg, stacked, toks, mask, fresh())
         pos0 = cache.pos + 0  # the cache is donated to each decode call
         eos = jnp.asarray([-1], jnp.int32)
         done = jnp.zeros((GEN_BATCH,), bool)
@@ -115,6 +118,8 @@ def main():
                                       unroll=args.unroll)
     if args.trace:
         traced = {}
+        if "prefill" in parts:
+            traced["prefill"] = lambda: _prefill(cfg, stacked, toks, mask, fresh())[0]
         if "decode" in parts:
             traced["decode"] = dec
         if "dcm" in parts:

@@ -1,6 +1,9 @@
 """Summarise a jax.profiler perfetto trace: device time per kernel name, largest first.
 
-    python bench/trace_top.py TRACE_DIR [N]
+    python bench/trace_top.py TRACE_DIR [N] [--seq K]
+
+--seq K also prints K kernels in launch order from the middle of the trace, each with
+the idle gap before it (where small kernels and launch gaps add up).
 """
 import collections
 import gzip
@@ -9,24 +12,44 @@ import sys
 from pathlib import Path
 
 
+def _kernels(ev):
+    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev = {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
+    return sorted((e for e in ev if e.get("ph") == "X" and e.get("pid") in dev), key=lambda e: e["ts"])
+
+
 def main():
-    root = Path(sys.argv[1])
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+    args = [a for a in sys.argv[1:]]
+    seq = 0
+    if "--seq" in args:
+        i = args.index("--seq")
+        seq = int(args[i + 1])
+        del args[i:i + 2]
+    root = Path(args[0])
+    n = int(args[1]) if len(args) > 1 else 25
     f = next(root.rglob("perfetto_trace.json.gz"))
     ev = json.load(gzip.open(f))
     ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    ks = _kernels(ev)
     tot = collections.Counter()
     cnt = collections.Counter()
-    for e in ev:
-        if e.get("ph") == "X" and "GPU" in pids.get(e.get("pid"), "") or (e.get("ph") == "X" and "/device:" in pids.get(e.get("pid"), "")):
-            key = e["name"][:90]
-            tot[key] += e.get("dur", 0)
-            cnt[key] += 1
+    for e in ks:
+        key = e["name"][:90]
+        tot[key] += e.get("dur", 0)
+        cnt[key] += 1
     all_us = sum(tot.values())
-    print(f"{f.parent.name}: device time {all_us / 1e3:.2f} ms over {sum(cnt.values())} events")
+    span = (max(e["ts"] + e.get("dur", 0) for e in ks) - ks[0]["ts"]) if ks else 0
+    print(f"{f.parent.name}: device time {all_us / 1e3:.2f} ms over {len(ks)} kernels; "
+          f"first start to last end {span / 1e3:.2f} ms")
     for k, v in tot.most_common(n):
         print(f"{v / 1e3:9.3f} ms {100 * v / max(all_us, 1):5.1f}% x{cnt[k]:<5d} {k}")
+    if seq:
+        mid = len(ks) // 2
+        print(f"\n{seq} kernels in order from #{mid} (gap before, duration, name), in us")
+        prev_end = ks[mid - 1]["ts"] + ks[mid - 1].get("dur", 0)
+        for e in ks[mid:mid + seq]:
+            print(f"{e['ts'] - prev_end:7.1f} {e.get('dur', 0):8.1f}  {e['name'][:100]}")
+            prev_end = max(prev_end, e["ts"] + e.get("dur", 0))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,11 @@ def _prefill(cfg: ModelConfig, params, tokens, mask, cache):
     return out.logits[:, 0], out.cache
 
 
+# decode steps write each token's keys/values into the cache before attending (one
+# softmax over the buffer, fewer kernels per layer than reading it as a constant)
+DECODE_WRITE_FIRST = True
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling"), donate_argnames=("cache",))
 def _decode(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pad, steps: int, sampling: Sampling):
     """``steps`` decode steps. Finished rows emit ``pad`` and are masked out of the cache."""
@@ -93,7 +98,7 @@ def _decode(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pa
         emitted_done = done
         done = done | jnp.isin(tok, eos)
         out = forward(cfg, params, tok[:, None], mask=~emitted_done[:, None], cache=cache,
-                      at=jnp.zeros((tok.shape[0], 1), jnp.int32))
+                      at=jnp.zeros((tok.shape[0], 1), jnp.int32), write_first=DECODE_WRITE_FIRST)
         return (out.cache, out.logits[:, 0], done, key), tok
 
     (cache, logits, done, key), toks = jax.lax.scan(step, (cache, logits, done, key), None, length=steps)

@@ -191,6 +191,35 @@ def test_prefill_into_empty_cache_matches_the_general_write_path(hf_dirs, family
         assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_write_first_decoding_matches_reading_the_cache(hf_dirs, family):
+    """Decode steps that write their keys/values before attending (generation's form,
+    one softmax over the buffer) give the logits and cache of the default form (cache
+    read as a constant, new keys in a second block, written after), with left padding."""
+    from cca_jax.model.transformer import unstack_layers
+
+    _, d = hf_dirs[family]
+    model, _ = cca_jax.load_model(d)
+    cfg, params = model.config, unstack_layers(model.params())
+    ids = tiny.tokens(2, 14, seed=8)
+    mask = np.ones((2, 14), bool)
+    mask[1, :4] = False
+    full = np.asarray(model(jnp.asarray(ids), mask=jnp.asarray(mask)).logits)
+    pre = model(jnp.asarray(ids[:, :10]), mask=jnp.asarray(mask[:, :10]),
+                cache=cca_jax.init_cache(cfg, batch=2, size=16))
+    caches = {False: pre.cache, True: pre.cache}
+    for t in range(10, 14):
+        outs = {}
+        for wf in (False, True):
+            outs[wf] = cca_jax.forward(cfg, params, jnp.asarray(ids[:, t:t + 1]), cache=caches[wf], write_first=wf)
+            caches[wf] = outs[wf].cache
+            assert np.abs(np.asarray(outs[wf].logits)[:, 0] - full[:, t]).max() <= TOL
+        assert np.abs(np.asarray(outs[True].logits) - np.asarray(outs[False].logits)).max() <= 1e-5
+    for x, y in zip(caches[True].k + caches[True].v + (caches[True].pos,),
+                    caches[False].k + caches[False].v + (caches[False].pos,)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
 def test_bfloat16_cached_calls_run_on_cpu(hf_dirs):
     """bf16 weights and cache on CPU (the demo's setting): XLA's CPU runtime has no
     bf16 x bf16 -> f32 dot for the cached-attention layout, so those operands are upcast
@@ -214,3 +243,12 @@ def test_bfloat16_cached_calls_run_on_cpu(hf_dirs):
     m1, _, loss, _ = dcm.mask_step(cfg, opt, c.reg, c.mode, unstack_layers(model.params()), m0, opt.init(m0),
                                    cache, ids[:, -1], ids[:, 0], ids[:, 1])
     assert np.isfinite(float(loss))
+    # generation (write-first decode steps) in bf16: the greedy tokens of the full forward
+    from cca_jax.generate import generate
+
+    prompt = tiny.tokens(1, 8, seed=7)[0].tolist()
+    got = generate(model, [prompt], 3, eos_token_id=[])[0]
+    seq = list(prompt)
+    for _ in range(3):
+        seq.append(int(np.argmax(np.asarray(model(jnp.asarray([seq])).logits)[0, -1])))
+    assert got == seq[8:]

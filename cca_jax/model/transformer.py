@@ -345,6 +345,7 @@ def forward(
     remat: bool = False,
     final_softcap: bool = True,
     vocab: jax.Array | None = None,
+    write_first: bool = False,
 ) -> ForwardOutput:
     """Run the decoder on ``tokens`` (B, T).
 
@@ -362,11 +363,15 @@ def forward(
         True (= "full") or a name in ``REMAT_POLICIES`` saying what to keep.
     final_softcap: False returns the lm-head output before Gemma-2's final soft-cap (what
         the original DCM code reads; see SPEC 3).
+    write_first: with a cache and a few tokens (decoding), write their keys/values into
+        the buffers first and attend over the buffers with one softmax: fewer kernels per
+        layer. Only for calls that are not differentiated: a gradient would flow into the
+        whole buffer (the default reads the cache as a constant and writes after).
     """
     B, T = tokens.shape
     if mask is None:
         mask = jnp.ones((B, T), bool)
-    small = cache is not None and T <= SMALL_T  # read the cache in place, write after the layers
+    small = cache is not None and T <= SMALL_T and not write_first  # read the cache in place, write after the layers
     fresh = cache is not None and cache.empty and not small  # attend over this call only, then write
     # default positions never decrease along a row: later keys are always masked for a query
     blocks = _causal_blocks(T) if positions is None and (cache is None or fresh) else 1
