@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, ROTATE, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
+from gpu_perf import BATCH, GEN_BATCH, GEN_PROMPT, ROTATE, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
 
 
 def main():
@@ -90,25 +90,18 @@ def main():
         st = opt.init(m)
         d = t8[:, 0]
         args_ = (cfg, opt, config.reg, config.mode, params, m, st, c, t8[:, -1], d, d + 1)
-        dh = {"m": m, "st": st}  # mask_step donates m and st: each step's outputs feed the next
-
-        def chained():
-            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], *args_[7:])
-            dh["m"], dh["st"] = o[0], o[1]
-            return o[2]
-
-        res["dcm_chained_step_s"] = _median_time(chained, warm=3, reps=20)
         # as train_mask runs it: each step on another batch's cache
         caches = [c] + [dcm.prefix_cache(cfg, params, jnp.roll(t8, i, axis=0), m8) for i in range(1, ROTATE)]
-        rot = {"i": 0}
+        dh = {"m": m, "st": st, "i": 0}  # mask_step donates m and st: each step's outputs feed the next
 
-        def rotating():
-            rot["i"] += 1
-            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], caches[rot["i"] % ROTATE], *args_[8:])
+        def dcm_step(rotate=True):
+            dh["i"] += 1
+            o = dcm.mask_step(*args_[:5], dh["m"], dh["st"], caches[dh["i"] % ROTATE] if rotate else c, *args_[8:])
             dh["m"], dh["st"] = o[0], o[1]
             return o[2]
 
-        res["dcm_rotating_step_s"] = _median_time(rotating, warm=3, reps=20)
+        res["dcm_chained_step_s"] = _median_time(lambda: dcm_step(rotate=False), warm=3, reps=20)
+        res["dcm_rotating_step_s"] = _median_time(dcm_step, warm=3, reps=20)
         (out / "dcm.hlo.txt").write_text(dcm.mask_step.lower(*args_).compile().as_text())
     if "amplify" in parts:
         from gpu_perf import part_amplify  # noqa: E402
@@ -123,7 +116,7 @@ def main():
         if "decode" in parts:
             traced["decode"] = dec
         if "dcm" in parts:
-            traced["dcm"] = rotating
+            traced["dcm"] = dcm_step
         for name, fn in traced.items():
             jax.block_until_ready(fn())
             with jax.profiler.trace(str(out / f"trace_{name}"), create_perfetto_trace=True):

@@ -12,7 +12,6 @@ Parameters (stacked over layers so the blocks run under ``lax.scan``)::
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -310,16 +309,13 @@ def unstack_layers(params: Params) -> Params:
     weight buffer in place instead of a slice copied out of the stacked array."""
     if isinstance(params["layers"], (list, tuple)):
         return params
-    layers = params["layers"]
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": _split_layers(layers, n)}
+    return {**params, "layers": _split_layers(params["layers"])}
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _split_layers(layers, n: int):
+@jax.jit
+def _split_layers(layers):
     out = []
-    for i in range(n):
-        lp = jax.tree.map(lambda a, i=i: a[i], layers)
+    for lp in layer_list(layers):
         # gate and up side by side: XLA otherwise merges the two matmuls by concatenating
         # the weights anew on every call (a quarter of a decode step, measured)
         mlp = {k: v for k, v in lp["mlp"].items() if k not in ("gate", "up")}
@@ -445,8 +441,7 @@ def forward(
         # each reading its own buffers: inside a scan XLA copies every layer's weights and
         # cache out of the stacked arrays before each matmul.
         ys = []
-        for i in range(cfg.num_layers):
-            lp = layers[i] if per_layer else jax.tree.map(lambda a, i=i: a[i], layers)
+        for i, lp in enumerate(layer_list(layers)):
             liv = None if layer_ivs is None else jax.tree.map(lambda a, i=i: a[i], layer_ivs)
             if cache is None:
                 kv_arg, kpos_arg = None, kpos_new
