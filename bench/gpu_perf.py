@@ -63,7 +63,9 @@ def _peak_gib() -> float | None:
 def _model(name: str):
     from cca_jax import load_model
 
-    model, _ = load_model(MODELS[name], dtype="bfloat16", with_tokenizer=False)
+    # BENCH_ATTENTION (set by --attention): "xla" or "tokamax" for calls without a cache
+    model, _ = load_model(MODELS[name], dtype="bfloat16", with_tokenizer=False,
+                          attention=os.environ.get("BENCH_ATTENTION", "xla"))
     return model
 
 
@@ -364,7 +366,7 @@ def report(r: dict) -> str:
     head = ("| measurement | torch baseline | cca_jax | speed-up | of hardware limit | notes |\n"
             "|---|---|---|---|---|---|")
     lim_line = (f"limits measured in this call on {lim.get('device', '?')}: copy {_fmt(lim.get('copy_bandwidth_GBps'), '.0f')} GB/s, "
-                f"bf16 matmul {_fmt(lim.get('bf16_matmul_TFLOPs'), '.0f')} TFLOP/s")
+                f"bf16 matmul {_fmt(lim.get('bf16_matmul_TFLOPs'), '.0f')} TFLOP/s; cca_jax attention: {r.get('attention', 'xla')}")
     return "\n".join([lim_line, head, *rows])
 
 
@@ -378,13 +380,16 @@ def main():
                     help="comma-separated parts for the driver")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument("--attention", default=os.environ.get("BENCH_ATTENTION", "xla"),
+                    help="cca_jax's attention for calls without a cache: xla | tokamax | tokamax:<impl>")
     args = ap.parse_args()
+    os.environ["BENCH_ATTENTION"] = args.attention  # the parts run as subprocesses
     if args.part:
         _bench_knobs()
         print(json.dumps(PARTS[args.part](args.model)))
         return
     only = args.only.split(",")
-    results: dict = {}
+    results: dict = {"attention": args.attention}
     me = [sys.executable, str(Path(__file__).resolve())]
     for part in only:
         if part == "baseline":

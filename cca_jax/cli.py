@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from cca_jax.config import ATTENTION
+
 
 def _source(model: str) -> str:
     from cca_jax import models
@@ -102,7 +104,7 @@ def cmd_eval(args) -> int:
     items = gsm.select(items, _ids(args.templates), args.limit)
     if not items:
         raise CCAError("no items left after --templates/--limit/--split: nothing to evaluate")
-    model, tok = load_model(_source(args.model), dtype=args.dtype)
+    model, tok = load_model(_source(args.model), dtype=args.dtype, attention=args.attention)
     if tok is None:
         raise CCAError(f"{args.model}: no tokenizer found: evaluation needs one")
     t0 = time.perf_counter()
@@ -245,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shots", type=int, default=8)
     s.add_argument("--chat-template", action="store_true", help="wrap the prompt in the chat template")
     s.add_argument("--dtype", default="float32")
+    s.add_argument("--attention", default="xla", choices=list(ATTENTION),
+                   help="prefill attention: xla, or tokamax's fused kernels (pip install 'cca_jax[kernels]')")
     s.add_argument("--out", default="runs/eval", help="output directory")
     s.set_defaults(func=cmd_eval)
 

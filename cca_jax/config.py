@@ -17,6 +17,10 @@ FAMILIES = ("llama", "qwen2", "gemma2", "gemma3", "olmo2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# How calls without a cache (prefill, caching a prefix, gradient steps) compute attention:
+# "xla" (this package's einsums), "tokamax" (tokamax's fused kernels, the implementation
+# its own choice for the platform), or "tokamax:<implementation>" to force one.
+ATTENTION = ("xla", "tokamax", "tokamax:mosaic", "tokamax:triton", "tokamax:cudnn", "tokamax:xla")
 
 # model_type values of transformers configs -> our family.
 _MODEL_TYPES = {
@@ -80,8 +84,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Not architecture: how attention is computed (see ATTENTION), like transformers'
+    # attn_implementation. Never saved with a checkpoint (to_dict leaves it out).
+    attention: str = "xla"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise CCAError(f"attention must be one of {', '.join(ATTENTION)}; got {self.attention!r}")
         if self.family not in FAMILIES:
             raise UnsupportedConfigError(
                 f"unsupported model family {self.family!r}: supported are {', '.join(FAMILIES)}"
@@ -128,7 +137,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("attention")  # a runtime choice, not part of the model
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -48,6 +48,7 @@ def load_model(
     mesh: jax.sharding.Mesh | None = None,
     revision: str | None = None,
     with_tokenizer: bool = True,
+    attention: str = "xla",
 ) -> tuple[Transformer, Any]:
     """Load a model and its tokenizer.
 
@@ -56,9 +57,13 @@ def load_model(
         YAML of ``configs/models`` (random weights of that architecture: benchmarks).
     dtype: parameter dtype, "float32" | "bfloat16" | "float16".
     mesh: place each parameter sharded over this (fsdp, tp) mesh as it is read.
+    attention: "xla", or "tokamax" for fused attention kernels in calls without a cache
+        (``pip install 'cca_jax[kernels]'``; see ``config.ATTENTION``).
     Returns (model, tokenizer); tokenizer is None when the source has none.
     """
     dt = config_lib.parse_dtype(dtype)
+    if attention not in config_lib.ATTENTION:  # before any download or read
+        raise CCAError(f"attention must be one of {', '.join(config_lib.ATTENTION)}; got {attention!r}")
     src = str(source)
     path = Path(os.path.expanduser(src))
     if not path.exists():
@@ -70,6 +75,7 @@ def load_model(
         from cca_jax import model_yaml
 
         cfg, seed = model_yaml.read(path)
+        cfg = cfg.replace(attention=attention)
         model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dt)
         if mesh is not None:
             model = model.with_params(sharding_lib.shard_params(model.params(), mesh))
@@ -87,7 +93,7 @@ def load_model(
         files = hf_lib.weight_files(path)
         params = assemble_lib.assemble(cfg, hf_lib.iter_tensors(files), dt, str(path), put)
         tok = hf_lib.load_tokenizer(path) if with_tokenizer else None
-    return Transformer(cfg, rngs=nnx.Rngs(0), params=params), tok
+    return Transformer(cfg.replace(attention=attention), rngs=nnx.Rngs(0), params=params), tok
 
 
 def export_hf(

@@ -135,7 +135,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     # -- model and data ----------------------------------------------------------------
     t0 = time.perf_counter()
     source = model_source(config.model)
-    model, tok = load_model(source, dtype=config.dtype)
+    model, tok = load_model(source, dtype=config.dtype, attention=config.attention)
     if config.tokenizer == "char":
         from cca_jax.char_tokenizer import char_tokenizer
 

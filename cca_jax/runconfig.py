@@ -14,6 +14,7 @@ from cca_jax.baselines.sft import SFTConfig
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.cca.dcm import DCMConfig
 from cca_jax.cca.pivots import PivotConfig
+from cca_jax.config import ATTENTION
 from cca_jax.errors import CCAError
 
 
@@ -81,6 +82,9 @@ class RunConfig:
     tokenizer: str | None = None  # None: the model's own; "char": tiny test models
     localize: str = "dcm"  # how the circuit is found: dcm | patching | attribution
     export: bool = False  # also write the amplified model as a HF directory (run_dir/amplified)
+    # attention in calls without a cache (prefill, amplification steps): xla | tokamax
+    # (fused kernels, pip install 'cca_jax[kernels]'; faster on H100/H200) | tokamax:<impl>
+    attention: str = "xla"
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     pivots: PivotConfig = PivotConfig()
@@ -93,6 +97,8 @@ class RunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise CCAError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.attention not in ATTENTION:
+            raise CCAError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -216,10 +216,12 @@ def _attend_self(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks: int):
     return out.transpose(0, 3, 1, 2, 4)
 
 
-def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at, blocks=1):
+def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at, index_causal=False):
     """One attention sublayer. Returns (output, this layer's cache after the call, activations).
 
-    kv_cache: None (attend over this call's tokens, in ``blocks`` causal query blocks);
+    kv_cache: None (attend over this call's tokens; ``index_causal``: a later token never
+    has an earlier position, so causality can go by index: causal query blocks, or the
+    fused kernel skipping the blocks above the diagonal);
     ("fresh",): an empty cache: attend as with None and return this call's keys/values
     for the caller to write; ("write", kc, vc, index): this layer's (B, KV, S, Dh) buffers, this call's
     keys/values written at ``index`` and attention over the whole buffer; ("read", kc,
@@ -252,7 +254,14 @@ def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, w
     G = H // KV
     qg = q.reshape(B, T, KV, G, Dh)
     if kv_cache is None or kv_cache[0] == "fresh":
-        out = _attend_self(cfg, *_heads_major(qg, k, v), q_pos, k_pos, sliding, blocks).reshape(B, T, H, Dh)
+        if cfg.attention == "xla":
+            blocks = _causal_blocks(T) if index_causal else 1
+            out = _attend_self(cfg, *_heads_major(qg, k, v), q_pos, k_pos, sliding, blocks).reshape(B, T, H, Dh)
+        else:
+            from cca_jax.model import attention_kernels
+
+            impl = cfg.attention.partition(":")[2] or "auto"
+            out = attention_kernels.attend_self(cfg, q, k, v, q_pos, k_pos, sliding, impl, index_causal)
         new_kv = None if kv_cache is None else (k, v)  # (B, T, KV, Dh): the caller writes them
     elif kv_cache[0] == "read":
         _, kc, vc = kv_cache
@@ -370,7 +379,7 @@ def forward(
     small = cache is not None and T <= SMALL_T and not write_first  # read the cache in place, write after the layers
     fresh = cache is not None and cache.empty and not small  # attend over this call only, then write
     # default positions never decrease along a row: later keys are always masked for a query
-    blocks = _causal_blocks(T) if positions is None and (cache is None or fresh) else 1
+    index_causal = positions is None and (cache is None or fresh)
     if positions is None:
         start = cache.next_positions()[:, None] if cache is not None else 0
         positions = start + jnp.cumsum(mask, axis=1) - 1
@@ -401,7 +410,7 @@ def forward(
         s_ = jnp.where(is_sliding, sin_l, sin) if cfg.rope_local is not None else sin
         h = rms_norm(x, lp["attn_norm"], eps, plus) if cfg.pre_attn_norm else x
         a, kv_layer, acts = _attention(cfg, lp["attn"], h, positions, kv_arg, kpos_arg, is_sliding, c, s_,
-                                       layer_iv, where, collect, at, blocks)
+                                       layer_iv, where, collect, at, index_causal)
         if cfg.post_attn_norm:
             a = rms_norm(a, lp["post_attn_norm"], eps, plus)
         x = x + a
@@ -508,6 +517,11 @@ class Transformer(nnx.Module):
     def with_params(self, params: Params) -> "Transformer":
         """A new module with the same config holding ``params`` (no copy of the arrays)."""
         return Transformer(self.config, rngs=nnx.Rngs(0), params=params)
+
+    def with_attention(self, attention: str) -> "Transformer":
+        """The same weights computing attention with ``attention`` ("xla" | "tokamax" | ...:
+        see ``config.ATTENTION``)."""
+        return Transformer(self.config.replace(attention=attention), rngs=nnx.Rngs(0), params=self.params())
 
     @classmethod
     def abstract(cls, config: ModelConfig, dtype=jnp.float32) -> "Transformer":
