@@ -22,6 +22,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 # its own choice for the platform), or "tokamax:<implementation>" to force one.
 ATTENTION = ("xla", "tokamax", "tokamax:mosaic", "tokamax:triton", "tokamax:cudnn", "tokamax:xla")
 
+
+def check_attention(name: str) -> str:
+    if name not in ATTENTION:
+        raise CCAError(f"attention must be one of {', '.join(ATTENTION)}; got {name!r}")
+    return name
+
 # model_type values of transformers configs -> our family.
 _MODEL_TYPES = {
     "llama": "llama",
@@ -89,8 +95,7 @@ class ModelConfig:
     attention: str = "xla"
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise CCAError(f"attention must be one of {', '.join(ATTENTION)}; got {self.attention!r}")
+        check_attention(self.attention)
         if self.family not in FAMILIES:
             raise UnsupportedConfigError(
                 f"unsupported model family {self.family!r}: supported are {', '.join(FAMILIES)}"

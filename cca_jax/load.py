@@ -62,8 +62,7 @@ def load_model(
     Returns (model, tokenizer); tokenizer is None when the source has none.
     """
     dt = config_lib.parse_dtype(dtype)
-    if attention not in config_lib.ATTENTION:  # before any download or read
-        raise CCAError(f"attention must be one of {', '.join(config_lib.ATTENTION)}; got {attention!r}")
+    config_lib.check_attention(attention)  # before any download or read
     src = str(source)
     path = Path(os.path.expanduser(src))
     if not path.exists():

@@ -14,7 +14,7 @@ from cca_jax.baselines.sft import SFTConfig
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.cca.dcm import DCMConfig
 from cca_jax.cca.pivots import PivotConfig
-from cca_jax.config import ATTENTION
+from cca_jax.config import check_attention
 from cca_jax.errors import CCAError
 
 
@@ -97,8 +97,7 @@ class RunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise CCAError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.attention not in ATTENTION:
-            raise CCAError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        check_attention(self.attention)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
