@@ -46,18 +46,16 @@ def main():
         cot = jax.random.normal(ks[3], (B, T, H, Dh), jnp.bfloat16)
         sliding = jnp.asarray(False)
 
-        def ours(q, k, v, impl):
+        def attend(q, k, v, impl):
             if impl == "ours":
-                qg = q.reshape(B, T, KV, H // KV, Dh)
-                out = tr._attend_self(cfg, *tr._heads_major(qg, k, v), pos, pos, sliding, tr._causal_blocks(T))
-                return out.reshape(B, T, H, Dh)
+                return tr.attend_self_xla(cfg, q, k, v, pos, pos, sliding, True)
             name_, _, opt = impl.partition("-")  # "mosaic-nomask": causal only, no padding mask
-            return ak.attend_self(cfg, q, k, v, pos, pos, sliding, implementation=name_, dense_mask=opt != "nomask")
+            return ak.attend_self(cfg, q, k, v, pos, pos, sliding, True, implementation=name_, dense_mask=opt != "nomask")
 
-        ref = ours(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "ours")
+        ref = attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "ours")
         valid = (pos >= 0)[:, :, None, None]
         for impl in args.impl.split(","):
-            f = jax.jit(lambda q, k, v, impl=impl: ours(q, k, v, impl))
+            f = jax.jit(lambda q, k, v, impl=impl: attend(q, k, v, impl))
             try:
                 out = f(q, k, v)
             except Exception as e:  # noqa: BLE001 - report and go on to the next
@@ -67,11 +65,11 @@ def main():
             res[f"{name}_{impl}_maxdiff"] = float(jnp.max(jnp.abs(jnp.where(valid, out.astype(jnp.float32) - ref, 0))))
             res[f"{name}_{impl}_fwd_ms"] = 1e3 * _median_time(lambda: f(q, k, v), warm=2, reps=args.reps)
             if grad:
-                g = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(ours(q, k, v, impl).astype(jnp.float32) * cot),
+                g = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(attend(q, k, v, impl).astype(jnp.float32) * cot),
                                      argnums=(0, 1, 2)))
                 res[f"{name}_{impl}_fwdbwd_ms"] = 1e3 * _median_time(lambda: g(q, k, v), warm=2, reps=args.reps)
                 if impl != "ours":
-                    g0 = jax.grad(lambda q, k, v: jnp.sum(ours(q, k, v, "ours") * cot.astype(jnp.float32)),
+                    g0 = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, "ours") * cot.astype(jnp.float32)),
                                   argnums=(0, 1, 2))(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
                     res[f"{name}_{impl}_grad_maxdiff"] = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
                                                           for a, b in zip(g(q, k, v), g0)]

@@ -5,10 +5,10 @@
 --seq K also prints K kernels in launch order from the middle of the trace, each with
 the idle gap before it (where small kernels and launch gaps add up).
 """
+import argparse
 import collections
 import gzip
 import json
-import sys
 from pathlib import Path
 
 
@@ -19,15 +19,13 @@ def _kernels(ev):
 
 
 def main():
-    args = [a for a in sys.argv[1:]]
-    seq = 0
-    if "--seq" in args:
-        i = args.index("--seq")
-        seq = int(args[i + 1])
-        del args[i:i + 2]
-    root = Path(args[0])
-    n = int(args[1]) if len(args) > 1 else 25
-    f = next(root.rglob("perfetto_trace.json.gz"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace_dir", type=Path)
+    ap.add_argument("n", type=int, nargs="?", default=25, help="kernel names to list")
+    ap.add_argument("--seq", type=int, default=0, help="also print this many kernels in launch order")
+    args = ap.parse_args()
+    seq = args.seq
+    f = next(args.trace_dir.rglob("perfetto_trace.json.gz"))
     ev = json.load(gzip.open(f))
     ev = ev["traceEvents"] if isinstance(ev, dict) else ev
     ks = _kernels(ev)
@@ -41,7 +39,7 @@ def main():
     span = (max(e["ts"] + e.get("dur", 0) for e in ks) - ks[0]["ts"]) if ks else 0
     print(f"{f.parent.name}: device time {all_us / 1e3:.2f} ms over {len(ks)} kernels; "
           f"first start to last end {span / 1e3:.2f} ms")
-    for k, v in tot.most_common(n):
+    for k, v in tot.most_common(args.n):
         print(f"{v / 1e3:9.3f} ms {100 * v / max(all_us, 1):5.1f}% x{cnt[k]:<5d} {k}")
     if seq:
         mid = len(ks) // 2

@@ -60,7 +60,7 @@ def test_fused_attention_matches_xla_with_padding_and_window(sliding, index_caus
         return _xla(cfg, q, k, v, pos, kpos, sl, 2)
 
     def fused(q, k, v):
-        return attention_kernels.attend_self(cfg, q, k, v, pos, kpos, sl, "xla", index_causal)
+        return attention_kernels.attend_self(cfg, q, k, v, pos, kpos, sl, index_causal, implementation="xla")
 
     a, b = ours(q, k, v), fused(q, k, v)
     assert np.isfinite(np.asarray(b)).all()
@@ -91,7 +91,7 @@ def test_no_query_row_reaches_the_kernel_empty(monkeypatch):
         return original(*args, mask=mask, is_causal=is_causal, **kw)
 
     monkeypatch.setattr(tokamax, "dot_product_attention", spy)
-    attention_kernels.attend_self(cfg, q, k, v, pos, kpos, jnp.asarray(True), "xla", True)
+    attention_kernels.attend_self(cfg, q, k, v, pos, kpos, jnp.asarray(True), True, implementation="xla")
     assert seen["rows"].all()
 
 
@@ -101,9 +101,9 @@ def test_fused_attention_follows_positions_when_not_causal_by_index():
     q, k, v, _, _, _ = _inputs(B=1, T=6)
     pos = jnp.asarray([[5, 4, 3, 2, 1, 0]])
     ref = _xla(cfg, q, k, v, pos, pos, jnp.asarray(False), 1)
-    got = attention_kernels.attend_self(cfg, q, k, v, pos, pos, jnp.asarray(False), "xla", index_causal=False)
+    got = attention_kernels.attend_self(cfg, q, k, v, pos, pos, jnp.asarray(False), False, implementation="xla")
     assert np.abs(np.asarray(ref - got)).max() <= TOL
-    wrong = attention_kernels.attend_self(cfg, q, k, v, pos, pos, jnp.asarray(False), "xla", index_causal=True)
+    wrong = attention_kernels.attend_self(cfg, q, k, v, pos, pos, jnp.asarray(False), True, implementation="xla")
     assert np.abs(np.asarray(ref - wrong)).max() > 1e-2
 
 

@@ -30,7 +30,7 @@ def _tokamax():
     return tokamax
 
 
-def attend_self(cfg, q, k, v, q_pos, k_pos, sliding, implementation: str = "auto", index_causal: bool = True,
+def attend_self(cfg, q, k, v, q_pos, k_pos, sliding, index_causal: bool, implementation: str = "auto",
                 dense_mask: bool = True):
     """Causal attention over a call's own tokens. q (B,T,H,Dh), k/v (B,T,KV,Dh);
     q_pos (B,T) rope positions, k_pos (B,T) positions with -1 for padding; sliding: this

@@ -216,6 +216,17 @@ def _attend_self(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks: int):
     return out.transpose(0, 3, 1, 2, 4)
 
 
+def attend_self_xla(cfg, q, k, v, q_pos, k_pos, sliding, index_causal: bool):
+    """Attention over a call's own tokens with this package's einsums (``attention: xla``;
+    ``attention_kernels.attend_self`` is the fused form, same arguments): q (B,T,H,Dh),
+    k/v (B,T,KV,Dh) -> (B,T,H,Dh). ``index_causal``: causal query blocks (see _attend_self)."""
+    B, T, H, Dh = q.shape
+    KV = k.shape[2]
+    blocks = _causal_blocks(T) if index_causal else 1
+    qh, kh, vh = _heads_major(q.reshape(B, T, KV, H // KV, Dh), k, v)
+    return _attend_self(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks).reshape(B, T, H, Dh)
+
+
 def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, where, collect, at, index_causal=False):
     """One attention sublayer. Returns (output, this layer's cache after the call, activations).
 
@@ -255,13 +266,12 @@ def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, w
     qg = q.reshape(B, T, KV, G, Dh)
     if kv_cache is None or kv_cache[0] == "fresh":
         if cfg.attention == "xla":
-            blocks = _causal_blocks(T) if index_causal else 1
-            out = _attend_self(cfg, *_heads_major(qg, k, v), q_pos, k_pos, sliding, blocks).reshape(B, T, H, Dh)
+            out = attend_self_xla(cfg, q, k, v, q_pos, k_pos, sliding, index_causal)
         else:
             from cca_jax.model import attention_kernels
 
             impl = cfg.attention.partition(":")[2] or "auto"
-            out = attention_kernels.attend_self(cfg, q, k, v, q_pos, k_pos, sliding, impl, index_causal)
+            out = attention_kernels.attend_self(cfg, q, k, v, q_pos, k_pos, sliding, index_causal, impl)
         new_kv = None if kv_cache is None else (k, v)  # (B, T, KV, Dh): the caller writes them
     elif kv_cache[0] == "read":
         _, kc, vc = kv_cache
