@@ -1,7 +1,9 @@
 """Attention alone, ours (XLA, causal query blocks) against tokamax's kernels, on the
 gemma-2-2b attention shapes: the amplification step's (8 x 1,024, forward and backward)
 and the prefill's (32 x 896, forward). Prints times and the largest difference from a
-float32 reference.
+float32 reference. ``--shapes decode``: one decode step's attention over a 1,024-slot
+cache (batch 32), ours (two batched matmuls over the (B, KV, S, Dh) buffers) against
+tokamax's kernel given the cache as (B, S, KV, Dh).
 
     python bench/attention_probe.py [--impl mosaic,xla] [--reps 10]
 """
@@ -35,6 +37,9 @@ def main():
     shapes = {"amplify": (8, 1024, True), "prefill": (32, 896, False)}
     res = {"device": jax.devices()[0].device_kind}
     for name in args.shapes.split(","):
+        if name == "decode":
+            _decode_shape(cfg, args, res)
+            continue
         B, T, grad = shapes[name]
         ks = jax.random.split(jax.random.key(0), 4)
         q = jax.random.normal(ks[0], (B, T, H, Dh), jnp.bfloat16) * 2
@@ -75,6 +80,51 @@ def main():
                                                           for a, b in zip(g(q, k, v), g0)]
             print(name, impl, {k_: v_ for k_, v_ in res.items() if k_.startswith(f"{name}_{impl}")}, flush=True)
     print(json.dumps(res, indent=1))
+
+
+def _decode_shape(cfg, args, res):
+    import jax
+    import jax.numpy as jnp
+
+    from cca_jax.model import attention_kernels as ak
+    from cca_jax.model import transformer as tr
+
+    H, KV, Dh, B, S = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 32, 1024
+    G = H // KV
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (B, 1, H, Dh), jnp.bfloat16) * 2
+    kc = jax.random.normal(ks[1], (B, KV, S, Dh), jnp.bfloat16) * 2
+    vc = jax.random.normal(ks[2], (B, KV, S, Dh), jnp.bfloat16)
+    n_valid = 960  # the mean cache length of a 896 + 128 generation
+    kpos = jnp.where(jnp.arange(S) < n_valid, jnp.arange(S), -1)[None].repeat(B, 0)
+    qpos = jnp.full((B, 1), n_valid - 1)
+    sliding = jnp.asarray(False)
+
+    def ours(q, kc, vc):
+        qh = q.reshape(B, 1, KV, G, Dh).transpose(0, 2, 3, 1, 4)
+        s = jnp.einsum("bkgtd,bksd->bkgts", qh, kc, preferred_element_type=jnp.float32)
+        p = tr._softmax_masked(s, tr._scores_mask(qpos, kpos, sliding, cfg), cfg)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vc.dtype), vc)
+        return o.transpose(0, 3, 1, 2, 4).reshape(B, 1, H, Dh)
+
+    def kernel(q, kc, vc):
+        mask = tr._scores_mask(qpos, kpos, sliding, cfg)[:, None]
+        return ak._tokamax().dot_product_attention(
+            q, kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3), mask=mask, scale=cfg.scale,
+            logits_soft_cap=cfg.attn_logit_softcap, implementation=None)
+
+    ref = ours(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32))
+    for impl, fn in (("ours", ours), ("tokamax", kernel)):
+        f = jax.jit(fn)
+        try:
+            out = f(q, kc, vc)
+            res[f"decode_{impl}_maxdiff"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+        except Exception as e:  # noqa: BLE001 - report and go on
+            res[f"decode_{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        res[f"decode_{impl}_ms"] = 1e3 * _median_time(lambda: f(q, kc, vc), warm=3, reps=max(args.reps, 20))
+        print("decode", impl, res[f"decode_{impl}_ms"], flush=True)
+    res["decode_kv_bytes_per_layer"] = 2 * B * KV * S * Dh * 2
 
 
 if __name__ == "__main__":

@@ -77,12 +77,14 @@ def _tree_bytes(tree) -> int:
 
 def _bench_knobs():
     """BENCH_CAUSAL_BLOCKS / BENCH_MIN_BLOCK: try other causal query-block settings;
-    BENCH_DECODE_WRITE_FIRST=0/1: decode steps read the cache as a constant / write first."""
+    BENCH_DECODE_WRITE_FIRST=0/1: decode steps read the cache as a constant / write first;
+    BENCH_DECODE_AHEAD=0/1: generate reads each decode chunk before / after sending the next."""
     from cca_jax import generate as gen
     from cca_jax.model import transformer as tr
 
     for env, mod, name in (("BENCH_CAUSAL_BLOCKS", tr, "CAUSAL_BLOCKS"), ("BENCH_MIN_BLOCK", tr, "MIN_BLOCK"),
-                           ("BENCH_DECODE_WRITE_FIRST", gen, "DECODE_WRITE_FIRST")):
+                           ("BENCH_DECODE_WRITE_FIRST", gen, "DECODE_WRITE_FIRST"),
+                           ("BENCH_DECODE_AHEAD", gen, "DECODE_AHEAD")):
         if os.environ.get(env) and hasattr(mod, name):
             setattr(mod, name, type(getattr(mod, name))(int(os.environ[env])))
 

@@ -1,7 +1,10 @@
 """Where the time goes: the pieces of generation, the DCM step and the amplification step
 timed alone on gemma-2-2b (bf16), with their compiled HLO written to $OUT for reading.
 
-    python bench/gpu_probe.py [--out DIR] [--parts prefill,decode,dcm,amplify]
+    python bench/gpu_probe.py [--out DIR] [--parts prefill,decode,dcm,amplify,generate]
+
+``generate`` times the whole ``generate`` call as gpu_perf does (prefill, decode chunks and
+the host work between them), with decode chunks of 32 (the default) and 128 steps.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +46,7 @@ def main():
     # as generate runs them: prefill on the stacked weights, decode on per-layer ones
     cfg, stacked = model.config, model.params()
     params = unstack_layers(stacked)
+    gen_model = model if "generate" in args.parts.split(",") else None  # generate takes the model itself
     del model
     res = {}
     parts = args.parts.split(",")
@@ -109,8 +114,57 @@ def main():
         res["amplify"] = part_amplify(args.model, args.policy if args.policy != "none" else False,
                                       trace_dir=str(out / "trace_amplify") if args.trace else None,
                                       unroll=args.unroll)
+    if "generate" in parts:
+        from cca_jax.generate import generate
+        from gpu_perf import GEN_NEW
+
+        prompts = np.asarray(toks).tolist()
+
+        def gen(chunk=32):
+            out = generate(gen_model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH, chunk=chunk)
+            assert all(len(o) == GEN_NEW for o in out)
+            return jnp.zeros(())
+
+        from cca_jax import generate as gen_mod
+        from cca_jax.model import cache as cache_mod
+
+        # same-process A/B, interleaved: chunks sent ahead or one at a time; the cache's
+        # zeros in one jitted call or op by op (as before)
+        variants = {"generate_s": (True, cache_mod.init_cache), "generate_one_at_a_time_s": (False, cache_mod.init_cache),
+                    "generate_eager_zeros_one_at_a_time_s": (False, cache_mod.init_cache.__wrapped__),
+                    "generate_chunk128_s": (True, cache_mod.init_cache)}
+        times = {k: [] for k in variants}
+        for rep in range(6):
+            for name, (ahead, init) in variants.items():
+                gen_mod.DECODE_AHEAD, gen_mod.init_cache = ahead, init
+                t = time.perf_counter()
+                jax.block_until_ready(gen(128 if "128" in name else 32))
+                if rep:  # the first round compiles
+                    times[name].append(time.perf_counter() - t)
+        gen_mod.DECODE_AHEAD, gen_mod.init_cache = True, cache_mod.init_cache
+        res.update({k: sorted(v)[len(v) // 2] for k, v in times.items()})
+        # host time to dispatch the calls generate makes (the device waits when it is long)
+        c = init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
+        jax.block_until_ready(c)
+        t = time.perf_counter()
+        c = init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
+        res["init_cache_dispatch_ms"] = 1e3 * (time.perf_counter() - t)
+        lg, c = _prefill(cfg, stacked, toks, mask, c)
+        jax.block_until_ready(c)
+        t = time.perf_counter()
+        o = _decode(cfg, params, c, lg, jnp.zeros((GEN_BATCH,), bool), jax.random.key(0), jnp.asarray([-1], jnp.int32),
+                    0, 32, Sampling())
+        res["decode_dispatch_ms"] = 1e3 * (time.perf_counter() - t)
+        jax.block_until_ready(o)
+        t = time.perf_counter()
+        np.asarray(o[-1]), np.asarray(o[2])
+        res["tokens_to_host_ms"] = 1e3 * (time.perf_counter() - t)
+        del o, c
     if args.trace:
         traced = {}
+        if "generate" in parts:
+            traced["generate"] = gen
+            traced["generate128"] = lambda: gen(128)
         if "prefill" in parts:
             traced["prefill"] = lambda: _prefill(cfg, stacked, toks, mask, fresh())[0]
         if "decode" in parts:

@@ -3,7 +3,9 @@
     python bench/trace_top.py TRACE_DIR [N] [--seq K]
 
 --seq K also prints K kernels in launch order from the middle of the trace, each with
-the idle gap before it (where small kernels and launch gaps add up).
+the idle gap before it (where small kernels and launch gaps add up). --gaps K prints the
+K longest idle stretches of the device, with the kernels on either side (where the host
+keeps the device waiting), and the idle time in gaps over 20 us.
 """
 import argparse
 import collections
@@ -23,6 +25,7 @@ def main():
     ap.add_argument("trace_dir", type=Path)
     ap.add_argument("n", type=int, nargs="?", default=25, help="kernel names to list")
     ap.add_argument("--seq", type=int, default=0, help="also print this many kernels in launch order")
+    ap.add_argument("--gaps", type=int, default=0, help="also print the longest idle gaps")
     args = ap.parse_args()
     seq = args.seq
     f = next(args.trace_dir.rglob("perfetto_trace.json.gz"))
@@ -48,6 +51,18 @@ def main():
         for e in ks[mid:mid + seq]:
             print(f"{e['ts'] - prev_end:7.1f} {e.get('dur', 0):8.1f}  {e['name'][:100]}")
             prev_end = max(prev_end, e["ts"] + e.get("dur", 0))
+    if args.gaps:
+        gaps, end = [], None
+        for i, e in enumerate(ks):
+            if end is not None and e["ts"] > end:
+                gaps.append((e["ts"] - end, i))
+            end = max(end or 0, e["ts"] + e.get("dur", 0))
+        big = sum(g for g, _ in gaps if g > 20)
+        print(f"\nidle: {sum(g for g, _ in gaps) / 1e3:.2f} ms in all, {big / 1e3:.2f} ms in gaps over 20 us")
+        for g, i in sorted(gaps, reverse=True)[:args.gaps]:
+            before = " | ".join(e["name"][:40] for e in ks[max(i - 3, 0):i])
+            after = " | ".join(e["name"][:40] for e in ks[i:i + 3])
+            print(f"{g / 1e3:8.3f} ms at #{i}: {before}  ||  {after}")
 
 
 if __name__ == "__main__":

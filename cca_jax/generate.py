@@ -7,7 +7,9 @@ prompt), that context is encoded once and its cache reused for every batch.
 
 The decode loop runs ``chunk`` steps per compiled call; between calls the host checks the
 per-sequence stop rule (e.g. "the answer sentence is complete") on the tokens so far and
-ends finished rows, so a batch stops as soon as all its rows have stopped.
+ends finished rows, so a batch stops as soon as all its rows have stopped. While no row
+has finished, the next chunk is sent before the last one's tokens are read, so the device
+never waits for the host between chunks.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def _prefill(cfg: ModelConfig, params, tokens, mask, cache):
 # decode steps write each token's keys/values into the cache before attending (one
 # softmax over the buffer, fewer kernels per layer than reading it as a constant)
 DECODE_WRITE_FIRST = True
+# generate sends the next decode chunk before reading the last one's tokens (see generate)
+DECODE_AHEAD = True
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling"), donate_argnames=("cache",))
@@ -131,6 +135,7 @@ def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("batch",))
 def _tile_cache(cache: KVCache, batch: int) -> KVCache:
     return KVCache(
         k=tuple(jnp.repeat(k, batch, axis=0) for k in cache.k), v=tuple(jnp.repeat(v, batch, axis=0) for v in cache.v),
@@ -227,15 +232,30 @@ def generate(
         toks, mask = _left_pad(rows, suffix_len, pad_token_id)
         cache = _tile_cache(prefix_cache, len(rows)) if shared else init_cache(cfg, len(rows), size, dtype)
         logits, cache = _prefill(cfg, stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
-        done = jnp.zeros((len(rows),), bool)
         out = np.zeros((len(rows), 0), np.int32)
         stopped = np.zeros(len(rows), bool)
         keep = [None] * len(rows)
         key, batch_key = jax.random.split(key)
-        while out.shape[1] < max_new_tokens:
-            steps = min(chunk, max_new_tokens - out.shape[1])
-            cache, logits, done, batch_key, new = _decode(
-                cfg, params, cache, logits, done, batch_key, eos, pad_token_id, steps, sampling)
+        sent = 0  # decode steps dispatched so far
+
+        def launch(cache, logits, done, batch_key):
+            nonlocal sent
+            steps = min(chunk, max_new_tokens - sent)
+            sent += steps
+            if stopped.any():  # rows the stop rule ended
+                done = done | jnp.asarray(stopped)
+            return _decode(cfg, params, cache, logits, done, batch_key, eos, pad_token_id, steps, sampling)
+
+        pending = launch(cache, logits, jnp.zeros((len(rows),), bool), batch_key)
+        any_done = False
+        while pending is not None:
+            cache, logits, done, batch_key, new = pending
+            pending = None
+            # while no row has finished, the next chunk is sent before this one's tokens are
+            # read, so the device does not wait for the host between chunks (once rows
+            # finish, a chunk sent ahead could be wasted work: then one at a time)
+            if DECODE_AHEAD and not any_done and sent < max_new_tokens:
+                pending = launch(cache, logits, done, batch_key)
             out = np.concatenate([out, np.asarray(new)], axis=1)
             done_host = np.asarray(done)
             if stop is not None:
@@ -244,11 +264,12 @@ def generate(
                         k = stop(_row(out[r], np.asarray(eos)))
                         if k is not None:
                             stopped[r], keep[r] = True, k
-                if stopped.any():
-                    done = jnp.asarray(done_host | stopped)
-                    done_host = np.asarray(done)
-            if done_host[:n].all():
+            finished = done_host | stopped
+            any_done = bool(finished[:n].any())
+            if finished[:n].all():
                 break
+            if pending is None and sent < max_new_tokens:
+                pending = launch(cache, logits, done, batch_key)
         for r, i in enumerate(idx):
             seq = _row(out[r], np.asarray(eos))
             results[i] = list(seq[:keep[r]] if keep[r] is not None else seq)

@@ -87,6 +87,42 @@ def test_stop_rule_cuts_each_row(hf_dirs):
     assert cut == [row[:3] for row in free]
 
 
+def test_decode_ahead_same_tokens_and_at_most_one_extra_chunk(hf_dirs, monkeypatch):
+    """Sending the next decode chunk before reading the last changes no token, sends no
+    chunk past max_new_tokens, and stops sending ahead once a row has finished."""
+    from cca_jax import generate as gen
+
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(6, seed=6)
+    calls = []
+    real = gen._decode
+
+    def spy(*args, **kw):
+        calls.append(args[8])  # steps
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "_decode", spy)
+    free = generate(model, prompts, 12, eos_token_id=[])
+    eos = free[2][1]  # row 2 ends in the first chunk
+    runs = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(gen, "DECODE_AHEAD", ahead)
+        calls.clear()
+        plain = generate(model, prompts, 11, eos_token_id=[], chunk=3)
+        n_plain = list(calls)
+        calls.clear()
+        ended = generate(model, prompts, 12, eos_token_id=eos, stop=lambda ids: 6 if len(ids) >= 7 else None,
+                         chunk=2)
+        runs[ahead] = (plain, ended, n_plain, list(calls))
+    assert runs[True][:2] == runs[False][:2]
+    assert runs[True][0] == [r[:11] for r in free]
+    assert runs[True][2] == runs[False][2] == [3, 3, 3, 2]  # no chunk past max_new_tokens
+    # every row has ended after 4 chunks (the stop rule at 7 tokens); a row ended in the
+    # first, so from the second on nothing is sent ahead and no chunk is wasted
+    assert runs[False][3] == runs[True][3] == [2] * 4
+
+
 def test_sampling_reproducible_with_key(hf_dirs):
     _, d = hf_dirs["gemma3"]
     model, _ = cca_jax.load_model(d)
