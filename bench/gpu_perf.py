@@ -315,7 +315,7 @@ def report(r: dict) -> str:
     rows = []
 
     def row(what, b, ours, ratio, frac, note=""):
-        rows.append(f"| {what} | {_fmt(b)} | {_fmt(ours)} | {_fmt(ratio, '.1f')}x | {_fmt(frac, '.0%')} | {note} |")
+        rows.append(f"| {what} | {_fmt(b)} | {_fmt(ours)} | {_fmt(ratio, '.2f')}x | {_fmt(frac, '.0%')} | {note} |")
 
     d = r.get("dcm", {})
     if "dcm_step_s" in d:
