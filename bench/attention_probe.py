@@ -100,12 +100,9 @@ def _decode_shape(cfg, args, res):
     qpos = jnp.full((B, 1), n_valid - 1)
     sliding = jnp.asarray(False)
 
-    def ours(q, kc, vc):
+    def ours(q, kc, vc):  # as a decode step runs it
         qh = q.reshape(B, 1, KV, G, Dh).transpose(0, 2, 3, 1, 4)
-        s = jnp.einsum("bkgtd,bksd->bkgts", qh, kc, preferred_element_type=jnp.float32)
-        p = tr._softmax_masked(s, tr._scores_mask(qpos, kpos, sliding, cfg), cfg)
-        o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vc.dtype), vc)
-        return o.transpose(0, 3, 1, 2, 4).reshape(B, 1, H, Dh)
+        return tr._attend_buffer(cfg, qh, kc, vc, qpos, kpos, sliding).reshape(B, 1, H, Dh)
 
     def kernel(q, kc, vc):
         mask = tr._scores_mask(qpos, kpos, sliding, cfg)[:, None]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trace_top import _kernels  # noqa: E402
+from trace_top import load_kernels  # noqa: E402
 
 # gemma-2-2b: (K, N) of each per-layer matmul of a decode step
 SHAPES = {"qkv": (2304, 4096), "o": (2048, 2304), "gate_up": (2304, 18432), "down": (9216, 2304)}
@@ -65,7 +65,6 @@ def main():
 
 def _device_time(f, args, reps: int) -> float:
     """Median over ``reps`` calls of the device time of one call's kernels, in seconds."""
-    import gzip
     import tempfile
 
     import jax
@@ -75,8 +74,7 @@ def _device_time(f, args, reps: int) -> float:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(reps):
                 jax.block_until_ready(f(*args))
-        ev = json.load(gzip.open(next(Path(d).rglob("perfetto_trace.json.gz"))))
-    ks = _kernels(ev["traceEvents"] if isinstance(ev, dict) else ev)
+        _, ks = load_kernels(Path(d))
     if not ks:  # no device kernels in the trace (CPU): fall back to wall time
         from gpu_perf import _median_time
 

@@ -4,7 +4,9 @@ timed alone on gemma-2-2b (bf16), with their compiled HLO written to $OUT for re
     python bench/gpu_probe.py [--out DIR] [--parts prefill,decode,dcm,amplify,generate]
 
 ``generate`` times the whole ``generate`` call as gpu_perf does (prefill, decode chunks and
-the host work between them), with decode chunks of 32 (the default) and 128 steps.
+the host work between them): chunks sent ahead (the default) or one at a time, the cache's
+zeros jitted or op by op, chunks of 32 or 128 steps, interleaved in one process; and the
+host time of the calls it makes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_perf import BATCH, GEN_BATCH, GEN_PROMPT, ROTATE, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
+from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, ROTATE, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
 
 
 def main():
@@ -46,10 +48,10 @@ def main():
     # as generate runs them: prefill on the stacked weights, decode on per-layer ones
     cfg, stacked = model.config, model.params()
     params = unstack_layers(stacked)
-    gen_model = model if "generate" in args.parts.split(",") else None  # generate takes the model itself
+    parts = args.parts.split(",")
+    gen_model = model if "generate" in parts else None  # generate takes the model itself
     del model
     res = {}
-    parts = args.parts.split(",")
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(3, cfg.vocab_size, (GEN_BATCH, GEN_PROMPT)), jnp.int32)
     mask = jnp.ones_like(toks, bool)
@@ -115,18 +117,15 @@ def main():
                                       trace_dir=str(out / "trace_amplify") if args.trace else None,
                                       unroll=args.unroll)
     if "generate" in parts:
-        from cca_jax.generate import generate
-        from gpu_perf import GEN_NEW
+        from cca_jax import generate as gen_mod
+        from cca_jax.model import cache as cache_mod
 
         prompts = np.asarray(toks).tolist()
 
         def gen(chunk=32):
-            out = generate(gen_model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH, chunk=chunk)
+            out = gen_mod.generate(gen_model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH, chunk=chunk)
             assert all(len(o) == GEN_NEW for o in out)
             return jnp.zeros(())
-
-        from cca_jax import generate as gen_mod
-        from cca_jax.model import cache as cache_mod
 
         # same-process A/B, interleaved: chunks sent ahead or one at a time; the cache's
         # zeros in one jitted call or op by op (as before)

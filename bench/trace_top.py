@@ -14,6 +14,13 @@ import json
 from pathlib import Path
 
 
+def load_kernels(trace_dir: Path) -> tuple[Path, list]:
+    """The trace file under ``trace_dir`` and its device kernels in start order."""
+    f = next(trace_dir.rglob("perfetto_trace.json.gz"))
+    ev = json.load(gzip.open(f))
+    return f, _kernels(ev["traceEvents"] if isinstance(ev, dict) else ev)
+
+
 def _kernels(ev):
     pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
     dev = {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
@@ -28,10 +35,7 @@ def main():
     ap.add_argument("--gaps", type=int, default=0, help="also print the longest idle gaps")
     args = ap.parse_args()
     seq = args.seq
-    f = next(args.trace_dir.rglob("perfetto_trace.json.gz"))
-    ev = json.load(gzip.open(f))
-    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    ks = _kernels(ev)
+    f, ks = load_kernels(args.trace_dir)
     tot = collections.Counter()
     cnt = collections.Counter()
     for e in ks:

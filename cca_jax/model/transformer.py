@@ -200,6 +200,14 @@ def _heads_major(qg, k, v):
     return qg.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+def _attend_buffer(cfg, qh, kc, vc, q_pos, k_pos, sliding):
+    """Attention over a whole cache buffer, one softmax (the decode step's write-first
+    form): qh (B,KV,G,T,Dh), kc/vc (B,KV,S,Dh), k_pos (B,S) -> (B,T,KV,G,Dh)."""
+    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kc.astype(qh.dtype), preferred_element_type=jnp.float32)
+    probs = _softmax_masked(s, _scores_mask(q_pos, k_pos, sliding, cfg), cfg)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(vc.dtype), vc).transpose(0, 3, 1, 2, 4)
+
+
 def _attend_self(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks: int):
     """Attention over this call's own tokens (heads-major: qh (B,KV,G,T,Dh), kh/vh
     (B,KV,T,Dh)); returns (B,T,KV,G,Dh). With ``blocks`` > 1 the queries run in blocks
@@ -285,10 +293,7 @@ def _attention(cfg, p, x, q_pos, kv_cache, k_pos, sliding, cos, sin, layer_iv, w
         k_all = jax.lax.dynamic_update_slice(kc, kh, (0, 0, index, 0))
         v_all = jax.lax.dynamic_update_slice(vc, vh, (0, 0, index, 0))
         new_kv = (k_all, v_all)
-        s = jnp.einsum("bkgtd,bksd->bkgts", qh, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
-        probs = _softmax_masked(s, _scores_mask(q_pos, k_pos, sliding, cfg), cfg)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_all.dtype), v_all)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+        out = _attend_buffer(cfg, qh, k_all, v_all, q_pos, k_pos, sliding).reshape(B, T, H, Dh)
     out = jnp.einsum("bthd,hdm->btm", out.astype(x.dtype), p["o"])
     if cfg.o_bias:
         out = out + p["o_bias"]
