@@ -194,16 +194,15 @@ def part_amplify(name: str, remat: bool | str, trace_dir: str | None = None, unr
     # a ~3% circuit (the row mask does not change the work, only which rows move)
     mask = {k: rng.random(s) < 0.03 for k, s in components.shapes(cfg).items()}
     acfg = amp.AmplifyConfig(remat=remat, unroll=unroll)
-    sel, row_masks = amp.selection_and_masks(mask, params, acfg)
-    opt = amp.make_optimizer(acfg, row_masks)
-    state, frozen = amp.init_state(params, sel, opt)
+    opt = amp.make_optimizer(acfg, mask, params)
+    master, opt_state, frozen = amp.init_state(params, opt)
     del params
     tokens = rng.integers(3, cfg.vocab_size, (BATCH, SEQ), dtype=np.int32)
     batch = Batch(tokens, np.ones((BATCH, SEQ), bool), rng.integers(3, cfg.vocab_size, BATCH, dtype=np.int32),
                   rng.integers(3, cfg.vocab_size, BATCH, dtype=np.int32))
     apply = amp.step_fn(opt)
     dtype = model.dtype
-    holder = {"master": state.master, "opt": state.opt_state}
+    holder = {"master": master, "opt": opt_state}
 
     def step():  # exactly the pipeline's amplification step
         train_now = jax.tree.map(lambda x: x.astype(dtype), holder["master"])

@@ -1,5 +1,7 @@
 """cca_jax: Constructive Circuit Amplification in JAX."""
 
+from cca_jax.cca.circuit import apply_updates as apply_circuit_updates
+from cca_jax.cca.circuit import circuit_optimizer, circuit_value_and_grad
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.load import export_hf, load_model, restore_checkpoint, save_checkpoint
@@ -10,6 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CCAError", "ForwardOutput", "Intervention", "KVCache", "ModelConfig", "Transformer",
-    "export_hf", "forward", "init_cache", "init_params", "load_model", "make_mesh",
+    "apply_circuit_updates", "circuit_optimizer", "circuit_value_and_grad", "export_hf", "forward", "init_cache", "init_params", "load_model", "make_mesh",
     "restore_checkpoint", "save_checkpoint", "shard_params",
 ]

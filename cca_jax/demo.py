@@ -131,14 +131,11 @@ def amplified_model(model, run_dir):
     of the circuit's leaves, cast to the model's dtype); every other weight unchanged.
     For exporting a finished run (``cca_jax.export_hf``) or probing it."""
     import jax
-    import orbax.checkpoint as ocp
 
-    from cca_jax.pipeline import leaf_key as key
+    from cca_jax import pipeline
+    from cca_jax.stages import leaf_key as key
 
-    path = Path(run_dir) / "stages" / "amplify" / "best_master"
-    if not path.exists():
-        raise CCAError(f"{run_dir}: no amplified weights (stages/amplify/best_master): not a finished run")
-    saved = ocp.StandardCheckpointer().restore(path.absolute())
+    saved = pipeline.saved_master(run_dir, "amplify", "best")
     params = model.params()
     shapes = {key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     wrong = sorted(k for k, v in saved.items() if shapes.get(k) != tuple(v.shape))

@@ -9,7 +9,7 @@ import cca_jax
 from cca_jax.cca import amplify as amp
 from cca_jax.cca import components
 from cca_jax.cca.examples import batches, make_batch
-from test_dcm import examples
+from tiny import circuit_examples as examples, small_mask
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +17,16 @@ def model(hf_dirs):
     return cca_jax.load_model(hf_dirs["qwen2"][1])[0]
 
 
-def small_mask(cfg):
-    m = {k: np.zeros(s, bool) for k, s in components.shapes(cfg).items()}
-    m["q"][0, 1] = m["k"][1, 0] = m["v"][2, 1] = m["mlp"][1, 3] = True
-    return m
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_updates_only_circuit_rows(model, optimizer):
     cfg, params = model.config, model.params()
     acfg = amp.AmplifyConfig(optimizer=optimizer, lr=1e-2, targets=("q", "k", "v", "up", "o"))
     mask = small_mask(cfg)
-    sel, rows = amp.selection_and_masks(mask, params, acfg)
-    opt = amp.make_optimizer(acfg, rows)
-    state, frozen = amp.init_state(params, sel, opt)
+    opt = amp.make_optimizer(acfg, mask, params)
+    master, opt_state, frozen = amp.init_state(params, opt)
     exs = examples(6)
-    loss, grad = amp.full_batch_grad(cfg, state.master, frozen, batches(exs, 4, 0), len(exs))
-    master, _ = amp.step_fn(opt)(state.master, state.opt_state, grad)
+    loss, grad = amp.full_batch_grad(cfg, master, frozen, batches(exs, 4, 0), len(exs))
+    master, _ = amp.step_fn(opt)(master, opt_state, grad)
     new = amp.working_params(master, frozen, jnp.float32)
     old_a, new_a = params["layers"]["attn"], new["layers"]["attn"]
     dq = np.abs(np.asarray(new_a["q"] - old_a["q"])).max(axis=(1, 3))
@@ -67,11 +60,11 @@ def test_ablation_updates_every_parameter(model):
     acfg = amp.AmplifyConfig(update_using_mask=False, lr=1e-2)
     sel, rows = amp.selection_and_masks(None, params, acfg)
     assert all(jax.tree.leaves(sel))
-    opt = amp.make_optimizer(acfg, rows)
-    state, frozen = amp.init_state(params, sel, opt)
+    opt = amp.make_optimizer(acfg, None, params)
+    master, opt_state, frozen = amp.init_state(params, opt)
     exs = examples(4)
-    _, grad = amp.full_batch_grad(cfg, state.master, frozen, batches(exs, 4, 0), len(exs))
-    master, _ = amp.step_fn(opt)(state.master, state.opt_state, grad)
+    _, grad = amp.full_batch_grad(cfg, master, frozen, batches(exs, 4, 0), len(exs))
+    master, _ = amp.step_fn(opt)(master, opt_state, grad)
     assert np.abs(np.asarray(master["embed"] - params["embed"])).max() > 0
     assert np.abs(np.asarray(master["layers"]["mlp"]["down"] - params["layers"]["mlp"]["down"])).max() > 0
 
@@ -80,14 +73,11 @@ def test_float32_masters_keep_small_steps_that_bf16_would_round_away(model):
     cfg = model.config
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params())
     acfg = amp.AmplifyConfig(lr=1e-4)
-    sel, rows = amp.selection_and_masks(components.binarize(components.full(cfg)), params16, acfg)
-    opt = amp.make_optimizer(acfg, rows)
-    state, frozen = amp.init_state(params16, sel, opt)
-    assert state.master["layers"]["attn"]["q"].dtype == jnp.float32
+    opt = amp.make_optimizer(acfg, components.binarize(components.full(cfg)), params16)
+    master, opt_state, frozen = amp.init_state(params16, opt)
+    assert master["layers"]["attn"]["q"].dtype == jnp.float32
     exs = examples(4)
-    master = state.master
     apply = amp.step_fn(opt)
-    opt_state = state.opt_state
     for _ in range(3):
         train16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), master)
         _, grad = amp.full_batch_grad(cfg, train16, frozen, batches(exs, 4, 0), len(exs))

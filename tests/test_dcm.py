@@ -8,14 +8,10 @@ import pytest
 import cca_jax
 import tiny
 from cca_jax.cca import components, dcm
-from cca_jax.cca.examples import LocalizationExample, make_batch
+from cca_jax.cca.examples import make_batch
 
 
-def examples(n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    return [LocalizationExample(tuple(int(t) for t in rng.integers(3, tiny.VOCAB, int(rng.integers(5, 14)))),
-                                int(rng.integers(3, tiny.VOCAB)), int(rng.integers(3, tiny.VOCAB)), 1, i)
-            for i in range(n)]
+examples = tiny.circuit_examples
 
 
 def rel_err(a, b):

@@ -7,7 +7,7 @@ import pytest
 import cca_jax
 from cca_jax.cca import components, dcm, patching
 from cca_jax.cca.examples import make_batch
-from test_dcm import examples
+from tiny import circuit_examples as examples
 
 
 @pytest.fixture(scope="module")

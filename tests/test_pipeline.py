@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from cca_jax import cli, pipeline, runconfig
 from cca_jax.cca import components
 
-CONFIG = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+from tiny import CONFIG  # noqa: E402
 
 
 class Killed(Exception):
@@ -19,11 +18,8 @@ class Killed(Exception):
 
 
 def _master(run_dir):
-    """The final float32 master copies (an orbax checkpoint of path -> array)."""
-    import orbax.checkpoint as ocp
-
-    got = ocp.StandardCheckpointer().restore((run_dir / "stages" / "amplify" / "state_master").absolute())
-    return {k: np.asarray(v) for k, v in got.items()}
+    """The final float32 master copies (the last committed checkpoint: path -> array)."""
+    return {k: np.asarray(v) for k, v in pipeline.saved_master(run_dir, "amplify", "current").items()}
 
 
 def _strip(summary):

@@ -10,7 +10,7 @@ from cca_jax.data import answers, gsm_symbolic
 from cca_jax.data.prompt import encode
 from cca_jax.generate import generate
 
-from test_pipeline import CONFIG
+from tiny import CONFIG
 
 
 @pytest.fixture(scope="module")

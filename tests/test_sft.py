@@ -5,6 +5,7 @@ export)."""
 import dataclasses
 import json
 import shutil
+import types
 from pathlib import Path
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import cca_jax
-from cca_jax import cli, pipeline, runconfig
+from cca_jax import cli, pipeline, runconfig, stages
 from cca_jax.baselines import lora, sft
 from cca_jax.char_tokenizer import char_tokenizer
 from cca_jax.data import answers, gsm_symbolic, prompt
@@ -133,7 +134,8 @@ def _train(model, tok, method, steps, **over):
                                              lora_r=4, lora_alpha=8.0), **over)
     exs = sft.build_examples(tok, _items(4), n_shots=0)
     T, P = sft.shapes(exs)
-    state, frozen, opt = sft.init_state(method, model.params(), scfg)
+    master, opt_state, frozen, opt = sft.init_state(method, model.params(), scfg)
+    state = types.SimpleNamespace(master=master, opt_state=opt_state)
     step = sft.make_step(method, scfg, model.config, opt, model.dtype)
     fixed = sft.to_device(sft.collate(exs, T, P))
     losses = []
@@ -234,13 +236,13 @@ def test_lora_merged_forward_equals_the_unmerged_reference(tmp_path):
 def test_lora_training_changes_only_the_adapters(tiny):
     model, tok = tiny
     before = jax.tree.map(np.asarray, model.params())
-    init, _, _ = sft.init_state("sft_lora", model.params(), sft.SFTConfig(lora_r=4, lora_alpha=8.0))
+    init_master, _, _, _ = sft.init_state("sft_lora", model.params(), sft.SFTConfig(lora_r=4, lora_alpha=8.0))
     state, frozen, scfg, losses, loss0, loss1 = _train(model, tok, "sft_lora", 4)
     assert set(state.master) == set(lora.DEFAULT_TARGETS)
     for t, a in state.master.items():
         assert set(a) == {"a", "b"}
         assert np.asarray(a["b"]).any()  # B left zero
-        assert not np.array_equal(np.asarray(a["a"]), np.asarray(init.master[t]["a"]))
+        assert not np.array_equal(np.asarray(a["a"]), np.asarray(init_master[t]["a"]))
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)):  # base weights untouched
         np.testing.assert_array_equal(x, np.asarray(y))
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(model.params())):
@@ -268,10 +270,13 @@ def _strip(summary):
     return {k: v for k, v in summary.items() if k != "timings_seconds"}
 
 
-def _ckpt(path):
-    import orbax.checkpoint as ocp
-
-    return {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(path.absolute()).items()}
+def _ckpt(stage_dir, name):
+    """A committed checkpoint's tree: state_master / state_opt (the last step's) or
+    best_master, as {dotted leaf key: array}."""
+    prog = json.loads((stage_dir / "progress.json").read_text())
+    ckpt = prog["best"] if name == "best_master" else prog["checkpoint"]
+    tree = "opt" if name == "state_opt" else "master"
+    return {k: np.asarray(v) for k, v in stages.load_flat(stage_dir / ckpt, tree).items()}
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +327,7 @@ def test_sft_lora_run_summary(lora_run, tiny):
     assert 0 < s["fraction_parameters_changed"] < 1
     assert s["lora"]["targets"] == list(lora.DEFAULT_TARGETS)
     assert s["loss_by_step"]["6"] < s["loss_by_step"]["1"]
-    master = _ckpt(d / "stages" / "sft" / "state_master")
+    master = _ckpt(d / "stages" / "sft", "state_master")
     assert set(master) == {f"{t}.{ab}" for t in lora.DEFAULT_TARGETS for ab in "ab"}
 
 
@@ -389,7 +394,7 @@ def test_killed_sft_run_resumes_to_the_same_result(picked, tmp_path, monkeypatch
     assert any("resuming sft_lora at step 2" in m for m in logs)
     assert _strip(got) == _strip(want)
     for name in ("state_master", "state_opt", "best_master"):
-        a, b = _ckpt(tmp_path / "stages" / "sft" / name), _ckpt(d / "stages" / "sft" / name)
+        a, b = _ckpt(tmp_path / "stages" / "sft", name), _ckpt(d / "stages" / "sft", name)
         assert set(a) == set(b)
         for k in b:
             np.testing.assert_array_equal(a[k], b[k])
@@ -411,16 +416,13 @@ def test_export_of_the_best_finetuned_model(picked, tmp_path, method):
     assert s["export_dir"] == pipeline.SFT_EXPORT_DIR
     out = tmp_path / "r" / s["export_dir"]
     model, _ = cca_jax.load_model(cfg.model)
-    state, frozen, _ = sft.init_state(method, model.params(), cfg.sft)
+    init_master, _, frozen, _ = sft.init_state(method, model.params(), cfg.sft)
 
-    def master(name):
-        flat = _ckpt(tmp_path / "r" / "stages" / "sft" / name)
-        return jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(state.master),
-            [flat[pipeline.leaf_key(p)] for p, _ in jax.tree_util.tree_leaves_with_path(state.master)])
+    def master(which):
+        return stages.unflatten(pipeline.saved_master(tmp_path / "r", "sft", which), init_master)
 
-    want = sft.working_params(method, master("best_master"), frozen, model.dtype, cfg.sft)
-    last = sft.working_params(method, master("state_master"), frozen, model.dtype, cfg.sft)
+    want = sft.working_params(method, master("best"), frozen, model.dtype, cfg.sft)
+    last = sft.working_params(method, master("current"), frozen, model.dtype, cfg.sft)
     ours, _ = cca_jax.load_model(out)
     q = lambda p: np.asarray(p["layers"]["attn"]["q"])
     assert not np.array_equal(q(want), q(model.params())) and not np.array_equal(q(want), q(last))

@@ -92,11 +92,10 @@ CCA_SCRIPT = textwrap.dedent("""
                                        jnp.asarray(b.tokens[:, -1]), jnp.asarray(b.desired), jnp.asarray(b.undesired))
         # one amplification gradient step on the circuit rows
         acfg = amp.AmplifyConfig(lr=0.5)
-        sel, rows = amp.selection_and_masks(mask, p, acfg)
-        o = amp.make_optimizer(acfg, rows)
-        st, frozen = amp.init_state(p, sel, o)
-        _, g = amp.full_batch_grad(cfg, st.master, frozen, [b], 8)
-        master, _ = amp.step_fn(o)(st.master, st.opt_state, g)
+        o = amp.make_optimizer(acfg, mask, p)
+        master, opt_state, frozen = amp.init_state(p, o)
+        _, g = amp.full_batch_grad(cfg, master, frozen, [b], 8)
+        master, _ = amp.step_fn(o)(master, opt_state, g)
         gen = generate(m, prompts, 6, eos_token_id=[], batch_size=8)
         return float(loss), m1, master, gen
 

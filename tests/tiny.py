@@ -1,11 +1,15 @@
-"""Tiny random transformers models of every family, built in the test process."""
+"""Shared test helpers: tiny random transformers models of every family (built in the
+test process), localization examples and circuits for them, the tiny run config."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 
+CONFIG = Path(__file__).parent.parent / "configs" / "tiny.yaml"  # the tiny random run
 FAMILIES = ("llama", "qwen2", "gemma2", "gemma3", "olmo2")
 VOCAB = 96
 WINDOW = 4  # sliding window: tests use sequences longer than this
@@ -63,3 +67,22 @@ def hf_model(family: str, seed: int = 0, **over):
 
 def tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+def circuit_examples(n: int = 6, seed: int = 0):
+    """Random localization examples (prefix 5-13 tokens, desired/undesired ids)."""
+    from cca_jax.cca.examples import LocalizationExample
+
+    rng = np.random.default_rng(seed)
+    return [LocalizationExample(tuple(int(t) for t in rng.integers(3, VOCAB, int(rng.integers(5, 14)))),
+                                int(rng.integers(3, VOCAB)), int(rng.integers(3, VOCAB)), 1, i)
+            for i in range(n)]
+
+
+def small_mask(cfg):
+    """A circuit of one query head, one key head, one value head and one neuron."""
+    from cca_jax.cca import components
+
+    m = {k: np.zeros(s, bool) for k, s in components.shapes(cfg).items()}
+    m["q"][0, 1] = m["k"][1, 0] = m["v"][2, 1] = m["mlp"][1, 3] = True
+    return m

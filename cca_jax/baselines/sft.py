@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -282,19 +282,10 @@ def make_optimizer(config: SFTConfig, master) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.clip), opt) if config.clip else opt
 
 
-@dataclasses.dataclass
-class SFTState:
-    step: int
-    master: Any  # float32: every parameter (full) or the adapters (LoRA)
-    opt_state: Any
-    history: list
-    best_step: int
-    best_val: float
-
-
-def init_state(method: str, params, config: SFTConfig) -> tuple[SFTState, Any, optax.GradientTransformation]:
-    """(state, frozen, optimizer). Full: the master is every parameter, nothing frozen;
-    LoRA: the master is the adapters, the frozen tree is the model's parameters."""
+def init_state(method: str, params, config: SFTConfig):
+    """(master, opt_state, frozen, optimizer). Full: the master is every parameter (float32
+    copies), nothing frozen; LoRA: the master is the adapters, the frozen tree is the
+    model's parameters."""
     check_method(method)
     if method == "sft_full":
         # a copy even for float32 weights: the step donates the master's buffers
@@ -303,7 +294,7 @@ def init_state(method: str, params, config: SFTConfig) -> tuple[SFTState, Any, o
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
         master, frozen = lora_lib.init(params, config.lora_targets, config.lora_r, key), params
     opt = make_optimizer(config, master)
-    return SFTState(0, master, opt.init(master), [], 0, float("-inf")), frozen, opt
+    return master, opt.init(master), frozen, opt
 
 
 def effective_params(method: str, master, frozen, dtype, config: SFTConfig, key: jax.Array | None = None):
@@ -371,3 +362,36 @@ def fraction_parameters_changed(method: str, params, config: SFTConfig) -> float
     if method == "sft_full":
         return 1.0
     return lora_lib.target_parameters(params, config.lora_targets) / total
+
+
+class FineTuner:
+    """``train_loop.Trainer`` for the SFT baselines: one optimizer step per batch of
+    ``config.batch_size`` examples (a function of the step: resumes see the same batches)."""
+
+    def __init__(self, method: str, model, examples: Sequence[Example], config: SFTConfig, pad_token_id: int = 0):
+        if not examples:
+            raise CCAError(f"{method} needs at least one training example")
+        self.name, self.steps, self.config, self.method = method, config.steps, config, method
+        self.examples, self.pad = examples, pad_token_id
+        self.T, self.P = shapes(examples)
+        self.params, self.dtype = model.params(), model.dtype
+        self.frozen = None if method == "sft_full" else self.params
+        # the optimizer depends on the master's structure only
+        opt = make_optimizer(config, jax.eval_shape(lambda p: init_state(method, p, config)[0], self.params))
+        self._step = make_step(method, config, model.config, opt, self.dtype)
+
+    def init(self):
+        master, opt_state, _, _ = init_state(self.method, self.params, self.config)
+        return master, opt_state
+
+    def step(self, master, opt_state, step):
+        batch = to_device(step_batch(self.examples, self.config, step, self.T, self.P, self.pad))
+        master, opt_state, loss, gnorm = self._step(master, opt_state, self.frozen, batch,
+                                                    dropout_key(self.config, step))
+        return master, opt_state, {"loss": float(loss), "grad_norm": float(gnorm)}
+
+    def is_eval_step(self, step):
+        return self.config.is_eval_step(step)
+
+    def working_params(self, master):
+        return working_params(self.method, master, self.frozen, self.dtype, self.config)

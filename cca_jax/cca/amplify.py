@@ -2,24 +2,26 @@
 
 Loss: -sum_b(logit_desired - logit_undesired) / N over the whole train set (full batch),
 plain forward, logits at the last position. Only the target leaves (q, k, v, up by
-default) are differentiated; the optimizer chain ends with a per-row multiply that keeps
-every row outside the circuit at exactly zero update. Updated leaves keep float32
-master copies, so a 1e-4 step does not round away in bf16/fp16 weights; every other
-parameter is never touched (bit-identical).
+default) are differentiated (``circuit.circuit_value_and_grad``) and the optimizer is
+``circuit.circuit_optimizer``: every row outside the circuit gets exactly zero update.
+Updated leaves keep float32 master copies, so a 1e-4 step does not round away in
+bf16/fp16 weights; every other parameter is never touched (bit-identical).
+``amplify`` runs the whole stage (steps, val selection, checkpoints) through
+``train_loop``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cca_jax.cca import components
-from cca_jax.cca.examples import Batch
+from cca_jax.cca import circuit, components
+from cca_jax.cca.examples import Batch, batches as make_batches
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.transformer import forward, layer_list
@@ -35,6 +37,9 @@ class AmplifyConfig:
     optimizer: str = "sgd"  # sgd | adam
     targets: tuple[str, ...] = components.DEFAULT_TARGETS
     update_using_mask: bool = True  # False: the ablation that updates all parameters
+    # also the targets' biases (Qwen2's q/k/v) on circuit rows; the original release
+    # updates weights only
+    biases: bool = True
     batch_size: int = 8  # micro-batch for the full-batch gradient
     eval_steps: tuple[int, ...] = EVAL_STEPS
     remat: bool | str = False  # True / a policy name of model.transformer.REMAT_POLICIES
@@ -53,49 +58,29 @@ class AmplifyConfig:
             remat_policy(self.remat)
 
 
-def restrict_rows(update_masks) -> optax.GradientTransformation:
-    """Multiply each update by its per-row mask (1 on circuit rows, 0 elsewhere)."""
-
-    def init(params):
-        return optax.EmptyState()
-
-    def update(updates, state, params=None):
-        return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, update_masks), state
-
-    return optax.GradientTransformation(init, update)
-
-
-def split_params(params, selection):
-    """(trainable, frozen): the selected leaves and the rest (None in the other tree)."""
-    train = jax.tree.map(lambda p, s: p if s else None, params, selection)
-    frozen = jax.tree.map(lambda p, s: None if s else p, params, selection)
-    return train, frozen
-
-
-def merge_params(train, frozen):
-    return jax.tree.map(lambda a, b: b if a is None else a, train, frozen, is_leaf=lambda x: x is None)
-
-
-def make_optimizer(config: AmplifyConfig, update_masks) -> optax.GradientTransformation:
-    base = optax.sgd(config.lr) if config.optimizer == "sgd" else optax.adam(config.lr)
-    return optax.chain(base, restrict_rows(update_masks))
-
-
 def selection_and_masks(mask, params, config: AmplifyConfig):
-    """Which leaves train (bool tree) and their row masks (trainable leaves only)."""
-    if config.update_using_mask:
-        if mask is None:
-            raise CCAError("update_using_mask needs a circuit mask")
-        upd = components.update_masks(mask, params, config.targets)
-    else:  # ablation: every parameter, every row
-        upd = jax.tree.map(lambda p: jnp.ones((1,) * p.ndim, jnp.float32), params)
-    selection = components.leaf_selection(upd)
-    row_masks = jax.tree.map(lambda u, s: u if s else None, upd, selection, is_leaf=lambda u: u is None)
-    return selection, row_masks
+    """(selection, row_masks): which leaves train (bool per leaf) and their circuit rows."""
+    if not config.update_using_mask:  # ablation: every parameter, every row
+        return circuit.circuit_masks(None, params, targets="all")
+    if mask is None:
+        raise CCAError("update_using_mask needs a circuit mask")
+    return circuit.circuit_masks(mask, params, config.targets, config.biases)
 
 
-def _loss_sum(train, frozen, cfg, batch_tokens, batch_mask, desired, undesired, remat):
-    params = merge_params(train, frozen)
+def make_optimizer(config: AmplifyConfig, mask, params) -> circuit.CircuitOptimizer:
+    """SPEC 4's plain gradient step (or Adam) on the circuit's rows only."""
+    inner = optax.sgd(config.lr) if config.optimizer == "sgd" else optax.adam(config.lr)
+    if not config.update_using_mask:
+        return circuit.circuit_optimizer(inner, None, params, targets="all")
+    if mask is None:
+        raise CCAError("update_using_mask needs a circuit mask")
+    return circuit.circuit_optimizer(inner, mask, params, config.targets, config.biases)
+
+
+split_params, merge_params = circuit.split_params, circuit.merge_params
+
+
+def _loss_sum(params, cfg, batch_tokens, batch_mask, desired, undesired, remat):
     B, T = batch_tokens.shape
     # only the 2B logits the loss reads (B, 2B) over [desired | undesired]: the rest of the
     # output matmul and its gradient (a read of the whole vocabulary each way) are skipped
@@ -111,14 +96,22 @@ def _per_layer(tree):
     return {**tree, "layers": layer_list(tree["layers"])}
 
 
+def _trained(train):
+    return jax.tree.map(lambda x: x is not None, train, is_leaf=lambda x: x is None)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "remat", "unroll"))
 def _grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False):
+    params, selection = merge_params(train, frozen), _trained(train)
     if not unroll:
-        return jax.value_and_grad(_loss_sum)(train, frozen, cfg, tokens, mask, desired, undesired, remat)
+        return circuit.circuit_value_and_grad(_loss_sum, params, selection, cfg, tokens, mask, desired, undesired,
+                                              remat)
     # layers unrolled: differentiate with respect to per-layer slices and stack their
     # gradients once, instead of XLA assembling each stacked gradient from padded slices
-    loss, g = jax.value_and_grad(_loss_sum)(_per_layer(train), _per_layer(frozen), cfg, tokens, mask, desired,
-                                            undesired, remat)
+    n = cfg.num_layers
+    loss, g = circuit.circuit_value_and_grad(_loss_sum, _per_layer(params),
+                                             {**selection, "layers": (selection["layers"],) * n},
+                                             cfg, tokens, mask, desired, undesired, remat)
     return loss, {**g, "layers": jax.tree.map(lambda *a: jnp.stack(a), *g["layers"])}
 
 
@@ -142,25 +135,17 @@ def _accumulate(total, g, scale):
     return jax.tree.map(lambda t, x: t + x.astype(jnp.float32) * scale, total, g)
 
 
-@dataclasses.dataclass
-class AmplifyState:
-    step: int
-    master: Any  # float32 copies of the trainable leaves
-    opt_state: Any
-    history: list  # [{"step", "loss", "val_accuracy"?}]
-    best_step: int
-    best_val: float
-
-
 def working_params(master, frozen, dtype):
     return merge_params(jax.tree.map(lambda x: x.astype(dtype), master), frozen)
 
 
-def init_state(params, selection, optimizer) -> tuple[AmplifyState, Any]:
-    train, frozen = split_params(params, selection)
+def init_state(params, optimizer: circuit.CircuitOptimizer):
+    """(master, opt_state, frozen): float32 masters of the optimizer's selected leaves
+    (None elsewhere), its state, and the untouched leaves (None where trained)."""
+    train, frozen = split_params(params, optimizer.selection)
     # a copy even when the weights are float32 already: the update donates the masters
     master = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), train)
-    return AmplifyState(0, master, optimizer.init(master), [], 0, float("-inf")), frozen
+    return master, optimizer.init(master), frozen
 
 
 def step_fn(optimizer):
@@ -171,7 +156,75 @@ def step_fn(optimizer):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def apply(master, opt_state, grad):
         upd, opt_state = optimizer.update(grad, opt_state, master)
-        return optax.apply_updates(master, upd), opt_state
+        return circuit.apply_updates(master, upd), opt_state
 
     return apply
 
+
+
+class Amplifier:
+    """``train_loop.Trainer`` for amplification: full-batch gradient steps on the circuit."""
+
+    def __init__(self, model, examples: Sequence, mask, config: AmplifyConfig, pad_token_id: int = 0):
+        if not examples:
+            raise CCAError("amplification needs at least one localization example")
+        self.name, self.steps, self.config = "amplification", config.steps, config
+        self.cfg, self.dtype, self.n = model.config, model.dtype, len(examples)
+        self.params = model.params()
+        self.opt = make_optimizer(config, mask, self.params)
+        self.frozen = split_params(self.params, self.opt.selection)[1]
+        self.batches = make_batches(examples, config.batch_size, seed=0, pad=pad_token_id)
+        self._apply = step_fn(self.opt)
+
+    def init(self):
+        master, opt_state, _ = init_state(self.params, self.opt)
+        return master, opt_state
+
+    def step(self, master, opt_state, step):
+        # the gradient of the model as it runs (working dtype); the update lands in float32
+        train_now = jax.tree.map(lambda x: x.astype(self.dtype), master)
+        loss, grad = full_batch_grad(self.cfg, train_now, self.frozen, self.batches, self.n, self.config.remat,
+                                     self.config.unroll)
+        del train_now  # peak memory: the working copy is not needed for the update
+        master, opt_state = self._apply(master, opt_state, grad)
+        return master, opt_state, {"loss": loss}
+
+    def is_eval_step(self, step):
+        return step in self.config.eval_steps
+
+    def working_params(self, master):
+        return working_params(master, self.frozen, self.dtype)
+
+
+@dataclasses.dataclass
+class AmplifyResult:
+    params: dict  # the best step's parameters (working dtype)
+    master: dict  # its float32 masters (None at untouched leaves)
+    best_step: int
+    best_val: float
+    history: list
+    seconds: float
+
+
+def amplify(model, examples: Sequence, mask, config: AmplifyConfig = AmplifyConfig(), *,
+            evaluate=None, val0: float = float("-inf"), checkpoint_dir=None, key: str = "", pad_token_id: int = 0,
+            progress: bool = True, on_step=None, log=print) -> AmplifyResult:
+    """SPEC 4 on ``model``: ``config.steps`` steps on ``mask``'s circuit (``components``
+    booleans), keeping the step with the best ``evaluate(model_with_params) -> accuracy``
+    (step 0, the unchanged model, scores ``val0``). Without ``evaluate``, the last step.
+
+    checkpoint_dir: where steps are checkpointed; a rerun with the same ``key`` resumes
+    there. None: a temporary directory, removed at the end.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from cca_jax import train_loop
+
+    trainer = Amplifier(model, examples, mask, config, pad_token_id)
+    score = None if evaluate is None else (lambda params, step: evaluate(model.with_params(params)))
+    with tempfile.TemporaryDirectory(prefix="cca_amplify_") as tmp:
+        ckpt = train_loop.Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else Path(tmp), key)
+        res = train_loop.train_and_select(trainer, score, val0, ckpt, progress=progress, on_step=on_step, log=log)
+    return AmplifyResult(trainer.working_params(res.best_master), res.best_master, res.best_step, res.best_val,
+                         res.history, res.seconds)

@@ -1,0 +1,231 @@
+"""Run-directory bookkeeping: stage records, what a stage key hashes, pytree checkpoints
+and the run-directory lock.
+
+A stage is done when its ``done.json`` holds the hash of its inputs (the key) and the
+digest of every file it wrote is unchanged; anything else (a missing, truncated or edited
+record or output) makes the stage run again. Keys hash what a stage depends on: the
+model's identity (``model_identity``), the data, the settings and earlier stages' keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cca_jax import atomic
+from cca_jax.errors import CCAError
+
+DONE = "done.json"
+LOCK = ".cca_jax.lock"
+# outputs up to this size are hashed in full by ``Stages.finish``; larger ones (big
+# checkpoints) by size, mtime and sampled blocks, like weight files
+FULL_HASH_BYTES = 64 * 1024**2
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 64 * 1024
+
+
+def digest(obj) -> str:
+    """A short stable hash of JSON-able data (dataclass dicts, lists of records)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path):
+    """JSON from a file, or None when it is missing or unreadable (a truncated record)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def file_digest(path: Path) -> str:
+    """Content hash: whole files up to FULL_HASH_BYTES; beyond, size + mtime + a hash of
+    the first and last block and 64 evenly spaced blocks (a weight file of many GB is not
+    read in full: a changed tensor of the same size changes the mtime, and almost surely
+    a sampled block)."""
+    st = path.stat()
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if st.st_size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        span = st.st_size - _SAMPLE_BYTES
+        for i in range(_SAMPLE_BLOCKS + 1):
+            f.seek(span * i // _SAMPLE_BLOCKS)
+            h.update(f.read(_SAMPLE_BYTES))
+    return "s:" + h.hexdigest()
+
+
+def _tree_digests(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def model_identity(source: str) -> dict:
+    """What a model's stage keys hash: a model YAML's text; a GGUF file's digest; a HF
+    directory's config.json, tokenizer and every weight file (``file_digest``); a hub id
+    by name (it is resolved to a downloaded directory before this is asked)."""
+    p = Path(source)
+    if p.is_file():
+        return {"path": str(p.resolve()), "digest": file_digest(p)}
+    if p.is_dir():
+        files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")
+                 and (f.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja", ".gguf"))]
+        return {"path": str(p.resolve()), "files": {f.name: file_digest(f) for f in files}}
+    return {"hub": source}
+
+
+class Stages:
+    """Per-stage directories with a completion record (inputs' key, seconds, digests of
+    the stage's files)."""
+
+    def __init__(self, run_dir: Path, log=print):
+        self.root = Path(run_dir) / "stages"
+        self.log = log
+
+    def dir(self, name: str) -> Path:
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def done(self, name: str, key: str) -> bool:
+        """True when the stage finished with these inputs and its files are as written."""
+        d = self.root / name
+        rec = read_json(d / DONE)
+        if not isinstance(rec, dict) or rec.get("key") != key:
+            return False
+        want = rec.get("files")
+        if not isinstance(want, dict):
+            return False
+        try:
+            got = {f: file_digest(d / f) for f in want}
+        except OSError:
+            got = None
+        if got != want:
+            self.log(f"stage {name}: its files changed or went missing since it finished: running it again")
+            return False
+        return True
+
+    def finish(self, name: str, key: str, seconds: float, **extra) -> None:
+        d = self.root / name
+        atomic.write_json(d / DONE, {"key": key, "seconds": seconds, **extra,
+                                     "files": _tree_digests(d, skip=(DONE,))})
+
+    def record(self, name: str) -> dict:
+        rec = read_json(self.root / name / DONE)
+        return rec if isinstance(rec, dict) else {}
+
+    def seconds(self, name: str) -> float:
+        return float(self.record(name).get("seconds", 0.0))
+
+
+# -- pytrees on disk -------------------------------------------------------------------------
+
+def leaf_key(path) -> str:
+    """A pytree leaf's path as the dotted name its checkpoints are keyed by."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flatten(tree) -> dict:
+    return {leaf_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def unflatten(flat: dict, template):
+    leaves = jax.tree_util.tree_leaves_with_path(template)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [flat[leaf_key(p)] for p, _ in leaves])
+
+
+def save_trees(path: Path, trees: dict) -> None:
+    """Pytrees ({name: tree}) as orbax checkpoints ``path/name``, each flattened to dotted
+    leaf keys (orbax writes a temporary directory and renames it). A tree without arrays
+    (plain SGD's optimizer state) is an empty directory."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    for name, tree in trees.items():
+        flat = flatten(tree)
+        if flat:
+            ckpt.save(path / name, flat)
+        else:
+            (path / name).mkdir()
+    ckpt.wait_until_finished()
+
+
+def load_trees(path: Path, templates: dict) -> dict:
+    """Restore ``save_trees``' pytrees shaped (and, for sharded templates, placed) like
+    ``templates`` (arrays or ShapeDtypeStructs)."""
+    import orbax.checkpoint as ocp
+
+    def abstract(x):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+    out = {}
+    for name, t in templates.items():
+        flat = flatten(t)
+        if not flat:
+            out[name] = t
+            continue
+        got = ocp.StandardCheckpointer().restore(Path(path).absolute() / name, {k: abstract(x) for k, x in flat.items()})
+        out[name] = unflatten(got, t)
+    return out
+
+
+def load_flat(path: Path, name: str) -> dict:
+    """One tree of a ``save_trees`` checkpoint as {dotted leaf key: array}, without a
+    template (inspection, export)."""
+    import orbax.checkpoint as ocp
+
+    p = Path(path).absolute() / name
+    if p.is_dir() and not any(p.iterdir()):
+        return {}
+    return dict(ocp.StandardCheckpointer().restore(p))
+
+
+# -- the run directory -------------------------------------------------------------------------
+
+class RunLock:
+    """An OS lock on the run directory for the life of a run: a second run on the same
+    directory fails at once with one line; the OS releases the lock when the process
+    ends, crash included (the lock file itself stays, harmless)."""
+
+    def __init__(self, run_dir: Path):
+        from filelock import FileLock
+
+        self.path = Path(run_dir) / LOCK
+        self._lock = FileLock(str(self.path), timeout=0)
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise CCAError(f"{self.path.parent}: another cca-jax run is using this run directory; wait for it to "
+                           f"finish, or pass another output directory") from None
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
+
+
+def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Create the run directory (or check an existing one) and that it is writable: one
+    line otherwise, before any work."""
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise CCAError(f"{d}: exists and is not a directory: choose another output directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CCAError(f"{d}: cannot create the run directory ({err.strerror})") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise CCAError(f"{d}: the run directory is not writable: choose another output directory")
+    return d
