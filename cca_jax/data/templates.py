@@ -912,7 +912,7 @@ def _render_question(t: Template, values: Mapping[str, Any], *, original: bool =
 
 
 def _render_solution(t: Template, ctx: _Ctx) -> str:
-    out, n, v, src = [], 0, None, ""
+    out, n, src = [], 0, ""
     for s in t._prog.solution:
         if not isinstance(s, str):
             fn, src, bare = s
