@@ -432,3 +432,21 @@ def test_builtin_files_are_valid_json():
         d = json.loads(p.read_text(encoding="utf-8"))
         assert set(d) >= {"question", "answer", "id_orig", "question_annotated", "answer_annotated"}
         assert p.stem == str(d["id_orig"])
+
+
+# ---------------------------------------------------------------- bounded work
+
+def test_bounded_rendering_of_lists_matches_str():
+    values = [[1, 2.5, "a"], (1,), (), [], [[1, (2,)], vocab.Labeled("x", 2), Fraction(1, 3), "it's", range(3)]]
+    for v in values:
+        assert tpl._bounded_str(v, 10_000) == str(v)
+    with pytest.raises(tpl._TooLong):
+        tpl._bounded_str([2**4000] * 99_999, 20_000)
+
+
+def test_size_counts_nested_values_in_full_and_stops_early():
+    assert tpl._size([1, 2, 3]) == 3 and tpl._size("abc") == 3 and tpl._size(range(7)) == 7
+    assert tpl._size([[1, 2], "ab", "", [], vocab.Labeled("twice", 2)]) == 3 + 2 + 1 + 1 + 5
+    inner = [0] * 1000
+    assert tpl._size([inner] * 50) == 50 * 1001  # a shared list counts every time
+    assert tpl.MAX_VALUE_SIZE < tpl._size([inner] * 100_000) < 2 * tpl.MAX_VALUE_SIZE  # stopped early

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cca_jax.data import answers
+from cca_jax.data.templates import MAX_ID
 from cca_jax.errors import CCAError
 
 HUB_REPO = "apple/GSM-Symbolic"
@@ -36,13 +38,14 @@ class Item:
         return dataclasses.asdict(self)
 
 
-def from_templates(templates, per_template: int, seed: int) -> list[Item]:
-    """``per_template`` instances of each template, deterministic for ``seed``."""
+def from_templates(templates, per_template: int, seed: int, *, max_seconds: float | None = None) -> list[Item]:
+    """``per_template`` instances of each template, deterministic for ``seed``; each template
+    gets ``max_seconds`` (None: $CCA_JAX_TEMPLATE_SECONDS, else the templates module's default)."""
     from cca_jax.data import templates as tlib
 
     items = []
     for t in templates:
-        for k, inst in enumerate(tlib.instances(t, per_template, seed)):
+        for k, inst in enumerate(tlib.instances(t, per_template, seed, max_seconds=max_seconds)):
             # gold = the rendered solution's "#### N" (template 456's #answer expression is
             # wrong in the public data; its solution text is right)
             items.append(Item(t.id, k, inst.question, answers.gold(inst.answer_text), inst.answer_text))
@@ -58,15 +61,35 @@ def load_template_source(source: str | os.PathLike | None):
     return tlib.load_templates(source)
 
 
-def _parse_jsonl_row(row: dict, where: str) -> Item:
+def _index(v, what: str) -> int:
+    """A template id or instance number: a whole number in [0, 2**63) ("473" and 473.0 too)."""
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v != int(v) or not 0 <= v < MAX_ID:
+        raise ValueError(f"{what} must be a non-negative integer, got {repr(v)[:40]}")
+    return int(v)
+
+
+def _parse_jsonl_row(row, where: str) -> Item:
     try:
-        template = int(row.get("original_id", row.get("template", row.get("id_orig", row.get("id")))))
-        instance = int(row.get("instance", 0))
-        ans_text = row["answer"]
+        if not isinstance(row, dict):
+            raise TypeError(f"a JSON {type(row).__name__}, not an object")
+        template = _index(row.get("original_id", row.get("template", row.get("id_orig", row.get("id")))),
+                          "original_id")
+        instance = _index(row.get("instance", 0), "instance")
+        ans_text, question = row["answer"], row["question"]
+        if not isinstance(question, str):
+            raise TypeError(f"question is a {type(question).__name__}, not text")
+        if isinstance(ans_text, bool) or not isinstance(ans_text, (int, float, str)):
+            raise TypeError(f"answer is a {type(ans_text).__name__}, not text or a number")
         gold = float(ans_text) if isinstance(ans_text, (int, float)) else answers.gold(ans_text)
-        return Item(template, instance, row["question"], gold, ans_text if isinstance(ans_text, str) else "")
-    except (KeyError, TypeError, ValueError) as err:
-        raise CCAError(f"{where}: not a GSM-Symbolic record ({type(err).__name__}: {err}); "
+        if not math.isfinite(gold):
+            raise ValueError(f"answer {gold} is not a finite number")
+        return Item(template, instance, question, gold, ans_text if isinstance(ans_text, str) else "")
+    except (KeyError, TypeError, ValueError, ArithmeticError) as err:
+        msg = " ".join(str(err).split())[:120]  # one line, however odd the row
+        raise CCAError(f"{where}: not a GSM-Symbolic record ({type(err).__name__}: {msg}); "
                        f"need question, answer (ending '#### N') and original_id") from None
 
 
@@ -77,17 +100,32 @@ def read_jsonl(path: str | os.PathLike) -> list[Item]:
     if not p.exists():
         raise CCAError(f"no such file: {p}")
     items = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
+    try:
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
                 try:
-                    row = json.loads(line)
-                except ValueError as err:
-                    raise CCAError(f"{p}:{n}: invalid JSON ({err})") from None
-                items.append(_parse_jsonl_row(row, f"{p}:{n}"))
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise CCAError(f"{p}:{n}: not UTF-8 text (byte {err.start} of the line): "
+                                   f"JSONL is UTF-8") from None
+                if line.strip():
+                    items.append(_parse_jsonl_row(_json_line(line, f"{p}:{n}"), f"{p}:{n}"))
+    except OSError as err:
+        raise CCAError(f"{p}: cannot read ({err.strerror or type(err).__name__})") from None
     if not items:
         raise CCAError(f"{p}: no records")
     return items
+
+
+def _json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except ValueError as err:  # JSONDecodeError, or a number of 5000 digits
+        raise CCAError(f"{where}: invalid JSON ({' '.join(str(err).split(';')[0].split())[:120]})") from None
+    except RecursionError:  # [[[...]]] 200k deep
+        raise CCAError(f"{where}: invalid JSON (nested too deeply)") from None
+    except MemoryError:
+        raise CCAError(f"{where}: JSON too large to parse") from None
 
 
 def from_hub(config: str = "main", revision: str | None = None) -> list[Item]:

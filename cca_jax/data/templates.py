@@ -7,6 +7,13 @@ sampled), ``#conditions:`` (what a valid instance satisfies) and ``#answer:``; i
 ``#### {expr}``. The expressions are python-like. They are parsed with ``ast`` and compiled
 into closures over a small whitelist (``_Compiler``), so template text never reaches
 ``eval``/``exec``/``compile`` and a hostile template gets a one-line ``CCAError``.
+
+Work is bounded: every value (nested lists counted in full) holds at most MAX_VALUE_SIZE
+elements and characters, checked before a repetition or concatenation builds it; a rendered
+question or solution has at most MAX_RENDERED_CHARS characters; parsing a template and making
+its instances each get a wall-clock budget (max_seconds, default $CCA_JAX_TEMPLATE_SECONDS or
+DEFAULT_MAX_SECONDS). Every limit, and running out of memory or stack, raises a CCAError that
+names the template.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import ast
 import json
 import math
 import operator
+import os
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from importlib import resources
@@ -31,7 +41,14 @@ from cca_jax.errors import CCAError
 
 MAX_EXPR_CHARS = 2000
 MAX_STR = 100_000
+MAX_VALUE_SIZE = 100_000  # elements and characters in one value, nested lists counted in full
+MAX_RENDERED_CHARS = 20_000  # a rendered question or solution (the public ones reach ~800)
+MAX_TEMPLATE_BYTES = 1_000_000  # a template file (the public ones are ~3 kB)
 DEFAULT_MAX_TRIES = 200_000  # rejection-sampling attempts per instance
+# Why 20 s: the slowest public template makes 50 instances in ~1 s on a loaded 2-core machine.
+DEFAULT_MAX_SECONDS = 20.0  # wall clock to parse one template, and to make its instances
+SECONDS_ENV = "CCA_JAX_TEMPLATE_SECONDS"
+MAX_ID = 2**63  # template ids seed numpy generators and go into JSONL: non-negative, 64-bit
 DEDUP_FACTOR = 10  # instances() draws at most n * DEDUP_FACTOR candidates
 _RUNTIME_ERRORS = (ArithmeticError, TypeError, ValueError, IndexError, KeyError, RecursionError)
 
@@ -44,14 +61,61 @@ class _Unbound(Exception):
     pass
 
 
+class _OutOfTime(Exception):
+    """The template's wall-clock budget is spent (never caught as a failed condition)."""
+
+
 class _Ctx:
-    """Evaluation state: bound template variables and the random generator."""
+    """Evaluation state: bound template variables, the random generator, the deadline
+    (a time.monotonic() value, or None for no time limit)."""
 
-    __slots__ = ("vars", "rng")
+    __slots__ = ("vars", "rng", "deadline")
 
-    def __init__(self, rng, variables=None):
+    def __init__(self, rng, variables=None, deadline=None):
         self.rng = rng
         self.vars = {} if variables is None else dict(variables)
+        self.deadline = deadline
+
+
+def _tick(ctx: _Ctx) -> None:
+    if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+        raise _OutOfTime
+
+
+def max_seconds_default() -> float:
+    """$CCA_JAX_TEMPLATE_SECONDS if set, else DEFAULT_MAX_SECONDS."""
+    text = os.environ.get(SECONDS_ENV)
+    return DEFAULT_MAX_SECONDS if text is None else _seconds(text, SECONDS_ENV)
+
+
+def _seconds(value: Any, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and v > 0) or isinstance(value, bool):
+        raise CCAError(f"{what} must be a positive number of seconds, got {str(value)[:40]!r}")
+    return v
+
+
+def _deadline(max_seconds: float | None) -> tuple[float, float]:
+    """(seconds, deadline) for a budget of max_seconds (None: the default)."""
+    s = max_seconds_default() if max_seconds is None else _seconds(max_seconds, "max_seconds")
+    return s, time.monotonic() + s
+
+
+@contextmanager
+def _guarded(tid, seconds: float, doing: str, hint: str):
+    """Turn the time limit, memory exhaustion and too-deep nesting into one-line errors."""
+    try:
+        yield
+    except _OutOfTime:
+        raise _fail(tid, f"{doing} took longer than {seconds:g} s (the time limit per template; "
+                         f"set {SECONDS_ENV} to change it): {hint}") from None
+    except MemoryError:
+        raise _fail(tid, f"ran out of memory while {doing}: its values are too large") from None
+    except RecursionError:
+        raise _fail(tid, f"values or expressions nested too deeply while {doing}") from None
 
 
 # ---------------------------------------------------------------- arithmetic with caps
@@ -63,6 +127,39 @@ def _number(x: Any) -> Any:
     raise TypeError(f"expected a number, got {type(x).__name__}")
 
 
+_SCALARS = frozenset({int, float, bool, Fraction})
+
+
+def _size(x: Any, limit: int = MAX_VALUE_SIZE) -> int:
+    """Elements and characters in x, nested lists counted in full (a list repeated inside
+    another counts every time, as printing or copying it would); stops counting past limit,
+    so the work is bounded too."""
+    if isinstance(x, (str, range)):
+        return len(x)
+    if isinstance(x, Labeled):
+        return max(1, len(x.label))
+    if not isinstance(x, (list, tuple)):
+        return 1
+    total, stack = 0, [x]
+    while stack:  # a loop, not recursion: values may nest deeply
+        for e in stack.pop():
+            if type(e) in _SCALARS:  # the common case first (this runs in the sampling loop)
+                total += 1
+            elif isinstance(e, (list, tuple)):
+                total += 1  # the inner list itself, so [[]] * n is not free
+                stack.append(e)
+            else:
+                total += max(1, _size(e))  # [""] * n is not free either
+        if total > limit:  # per list: the work stays below limit + MAX_SEQ
+            return total
+    return total
+
+
+def _too_large() -> TemplateValueError:
+    return TemplateValueError(f"value too large (over {MAX_VALUE_SIZE} elements and characters, "
+                              f"nested lists counted in full)")
+
+
 def _checked(x: Any) -> Any:
     """Refuse non-finite floats and huge ints / sequences (memory and time caps).
 
@@ -72,12 +169,18 @@ def _checked(x: Any) -> Any:
         if not math.isfinite(x):
             raise TemplateValueError("number too large")
         return x
-    if isinstance(x, int) and x.bit_length() > vocab.MAX_INT_BITS:
-        raise TemplateValueError("number too large")
+    if isinstance(x, int):
+        if x.bit_length() > vocab.MAX_INT_BITS:
+            raise TemplateValueError("number too large")
+        return x
     if isinstance(x, Fraction) and max(abs(x.numerator), x.denominator).bit_length() > vocab.MAX_INT_BITS:
         raise TemplateValueError("number too large")
-    if isinstance(x, (list, tuple)) and len(x) > vocab.MAX_SEQ:
-        raise TemplateValueError("list too long")
+    if isinstance(x, (list, tuple)):
+        if len(x) > vocab.MAX_SEQ:
+            raise TemplateValueError("list too long")
+        n = _size(x)
+        if n > MAX_VALUE_SIZE:
+            raise _too_large()
     if isinstance(x, str) and len(x) > MAX_STR:
         raise TemplateValueError("string too long")
     return x
@@ -88,6 +191,9 @@ def _add(a, b):
     if isinstance(a, (str, list, tuple)) and type(a) is type(b):  # list + list, str + str
         if len(a) + len(b) > vocab.MAX_SEQ:
             raise TemplateValueError("sequence too long")
+        n = _size(a) + _size(b)
+        if n > MAX_VALUE_SIZE:  # checked before building it
+            raise _too_large()
         return a + b
     return _number(a) + _number(b)
 
@@ -98,6 +204,9 @@ def _mul(a, b):
         if isinstance(seq, (str, list, tuple)):
             if not isinstance(k, int) or isinstance(k, bool) or len(seq) * max(k, 0) > vocab.MAX_SEQ:
                 raise TemplateValueError("bad or too large sequence repetition")
+            n = _size(seq) * max(k, 0)  # [[0] * 10**5] * 10**5: refused before building it
+            if n > MAX_VALUE_SIZE:
+                raise _too_large()
             return seq * k
     return _number(a) * _number(b)
 
@@ -185,16 +294,6 @@ class _Const:
         return self.value
 
 
-def _fold(fn, parts):
-    """Constant folding. Also rejects range(10**12) or 10**10**10 before any sampling."""
-    if not all(isinstance(p, _Const) for p in parts):
-        return fn
-    try:
-        return _Const(fn(None))
-    except (_Unbound, *_RUNTIME_ERRORS) as e:
-        raise _Reject(_why(e)) from None
-
-
 class _Compiler:
     """AST -> closure ``f(ctx)``; anything outside the whitelist raises ``_Reject``.
 
@@ -203,16 +302,28 @@ class _Compiler:
     list/tuple literals, indexing and slicing, and calls (positional arguments only) to
     ``vocab.FUNCTIONS``. No attribute access except the exact names ``np.arange`` and
     ``np.random.randint`` as called functions; no comprehensions, lambdas, starred args.
-    ``used`` collects the template variables read since the last reset.
+    ``used`` collects the template variables read since the last reset. Constant folding
+    runs under ``deadline`` (a time.monotonic() value or None).
     """
 
-    def __init__(self, variables: frozenset[str]):
+    def __init__(self, variables: frozenset[str], deadline: float | None = None):
         self.variables = variables
         self.used: set[str] = set()
+        self._fold_ctx = _Ctx(None, deadline=deadline)
+
+    def _fold(self, fn, parts):
+        """Constant folding. Also rejects range(10**12) or 10**10**10 before any sampling."""
+        if not all(isinstance(p, _Const) for p in parts):
+            return fn
+        try:
+            return _Const(fn(self._fold_ctx))
+        except (_Unbound, *_RUNTIME_ERRORS) as e:
+            raise _Reject(_why(e)) from None
 
     def compile(self, src: str) -> Callable[[_Ctx], Any]:
         if len(src) > MAX_EXPR_CHARS:
             raise _Reject("expression too long")
+        _tick(self._fold_ctx)  # folding constants takes time too
         try:
             tree = ast.parse(src.strip(), mode="eval")
         except SyntaxError as e:
@@ -261,7 +372,13 @@ class _Compiler:
         if op is None:
             raise _Reject(f"operator {type(n.op).__name__} is not allowed")
         left, right = self.node(n.left), self.node(n.right)
-        return _fold(lambda ctx: _checked(op(left(ctx), right(ctx))), (left, right))
+
+        def f(ctx):
+            v = op(left(ctx), right(ctx))
+            if type(v) not in _SCALARS:  # a list or string: up to MAX_VALUE_SIZE steps
+                _tick(ctx)
+            return _checked(v)
+        return self._fold(f, (left, right))
 
     def n_UnaryOp(self, n):
         arg = self.node(n.operand)
@@ -273,7 +390,7 @@ class _Compiler:
             fn = lambda ctx: _number(arg(ctx))  # noqa: E731
         else:
             raise _Reject(f"operator {type(n.op).__name__} is not allowed")
-        return _fold(fn, (arg,))
+        return self._fold(fn, (arg,))
 
     def n_BoolOp(self, n):
         parts = [self.node(v) for v in n.values]
@@ -286,7 +403,7 @@ class _Compiler:
                 if bool(unwrap(v)) is stop_on:
                     return v
             return v
-        return _fold(f, parts)
+        return self._fold(f, parts)
 
     def n_Compare(self, n):
         ops = []
@@ -305,19 +422,19 @@ class _Compiler:
                     return False
                 a = b
             return True
-        return _fold(f, [first, *rest])
+        return self._fold(f, [first, *rest])
 
     def n_IfExp(self, n):
         test, body, orelse = self.node(n.test), self.node(n.body), self.node(n.orelse)
-        return _fold(lambda ctx: body(ctx) if unwrap(test(ctx)) else orelse(ctx), (test, body, orelse))
+        return self._fold(lambda ctx: body(ctx) if unwrap(test(ctx)) else orelse(ctx), (test, body, orelse))
 
     def n_List(self, n):
         items = [self.node(e) for e in n.elts]
-        return _fold(lambda ctx: [i(ctx) for i in items], items)
+        return self._fold(lambda ctx: _checked([i(ctx) for i in items]), items)
 
     def n_Tuple(self, n):
         items = [self.node(e) for e in n.elts]
-        return _fold(lambda ctx: tuple(i(ctx) for i in items), items)
+        return self._fold(lambda ctx: _checked(tuple(i(ctx) for i in items)), items)
 
     def n_Subscript(self, n):
         value = self.node(n.value)
@@ -330,9 +447,9 @@ class _Compiler:
                 if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
                     raise TypeError("slice bounds must be integers")
                 return _index(value(ctx), slice(*bounds))
-            return _fold(f, [value, *parts])
+            return self._fold(f, [value, *parts])
         idx = self.node(n.slice)
-        return _fold(lambda ctx: _index(value(ctx), idx(ctx)), (value, idx))
+        return self._fold(lambda ctx: _index(value(ctx), idx(ctx)), (value, idx))
 
     def n_Call(self, n):
         name = n.func.id if isinstance(n.func, ast.Name) else _dotted(n.func)
@@ -344,9 +461,16 @@ class _Compiler:
             raise _Reject(f"keyword or starred arguments in call to '{name}'")
         fn, needs_rng = vocab.FUNCTIONS[name]
         args = [self.node(a) for a in n.args]
+        clock = time.monotonic
+
+        def call(ctx):
+            vals = [a(ctx) for a in args]
+            if ctx.deadline is not None and clock() > ctx.deadline:  # helpers do up to MAX_SEQ
+                raise _OutOfTime  # steps each: check the time between them
+            return _checked(fn(ctx.rng, *vals) if needs_rng else fn(*vals))
         if needs_rng:  # never folded: each draw must be fresh
-            return lambda ctx: _checked(fn(ctx.rng, *[a(ctx) for a in args]))
-        return _fold(lambda ctx: _checked(fn(*[a(ctx) for a in args])), args)
+            return call
+        return self._fold(call, args)
 
 
 # ---------------------------------------------------------------- data classes
@@ -411,9 +535,12 @@ _EXPR_SLOT = re.compile(r"\{([^{}]*)\}")
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
 _SECTION = re.compile(r"^#\s*(init|conditions|answer)\s*[:=]?\s*(.*)$")
 _DOLLAR_VAR = re.compile(r"\$(?=[A-Za-z_])")  # "$x" marks a numeric variable; drop the mark
+_FINAL_NUMBER = re.compile(r"\s*-?\d+(\.\d+)?\s*")  # what follows the last "####" once rendered
+_FINAL_SLOT = re.compile(r"\s*(\{[^{}]*\}|-?\d+(\.\d+)?)\s*")  # and before: one {expr} or a number
 
 
 def _fail(tid, what: str, expr: str | None = None) -> CCAError:
+    what = " ".join(what.split())  # one line, whatever an exception's text held
     if expr is None:
         return CCAError(f"template {tid}: {what}")
     expr = " ".join(expr.split())
@@ -489,16 +616,37 @@ def _compile(tid, comp: _Compiler, src: str):
         raise _fail(tid, f"rejected expression: {e}", src) from None
 
 
-def parse_template(d: Mapping[str, Any]) -> Template:
-    """A JSON template (dict) -> Template; raises CCAError naming the id and expression."""
+def _brief(x: Any) -> str:
+    """A short one-line rendering of a bad id for an error message."""
+    if isinstance(x, (int, float, str)) and not (isinstance(x, int) and x.bit_length() > 64):
+        r = repr(x)
+        return r if len(r) <= 40 else r[:37] + "..."
+    return f"<{type(x).__name__}>"
+
+
+def parse_template(d: Mapping[str, Any], *, max_seconds: float | None = None) -> Template:
+    """A JSON template (dict) -> Template; raises CCAError naming the id and expression.
+
+    Parsing (which folds constants and works out the original values) stops after
+    ``max_seconds`` (None: $CCA_JAX_TEMPLATE_SECONDS, else DEFAULT_MAX_SECONDS)."""
     if not isinstance(d, Mapping):
         raise CCAError("template: expected a JSON object")
-    tid = d.get("id_orig", "?")
-    for key in ("question_annotated", "answer_annotated", "id_orig"):
+    if "id_orig" not in d:
+        raise _fail("?", "missing field 'id_orig'")
+    tid = d["id_orig"]
+    if not isinstance(tid, int) or isinstance(tid, bool):
+        raise _fail(_brief(tid), "id_orig is not an integer")
+    if not 0 <= tid < MAX_ID:
+        raise _fail(_brief(tid), "id_orig must be a non-negative integer below 2**63 (the GSM8K test index)")
+    seconds, deadline = _deadline(max_seconds)
+    with _guarded(tid, seconds, "parsing it", "its constant expressions are too slow"):
+        return _parse(d, tid, deadline)
+
+
+def _parse(d: Mapping[str, Any], tid: int, deadline: float) -> Template:
+    for key in ("question_annotated", "answer_annotated"):
         if key not in d:
             raise _fail(tid, f"missing field '{key}'")
-    if not isinstance(tid, int) or isinstance(tid, bool):
-        raise _fail(tid, "id_orig is not an integer")
     qa, aa = d["question_annotated"], d["answer_annotated"]
     if not isinstance(qa, str) or not isinstance(aa, str):
         raise _fail(tid, "question_annotated/answer_annotated must be strings")
@@ -520,7 +668,7 @@ def parse_template(d: Mapping[str, Any]) -> Template:
             defaults.setdefault(var, default)
         question.append((var, default))
 
-    comp = _Compiler(variables)
+    comp = _Compiler(variables, deadline)
     steps, bound = [], set()
     for a in init:
         fn = _compile(tid, comp, a.expr)
@@ -557,12 +705,16 @@ def parse_template(d: Mapping[str, Any]) -> Template:
         if src not in cache:
             cache[src] = _compile(tid, comp, src)
         solution.append((cache[src], src, src if src in variables else None))
+    tail = aa.rsplit("####", 1)[1]
+    if not _FINAL_SLOT.fullmatch(tail):  # the gold answer is read from after "####"
+        raise _fail(tid, "answer_annotated must end with '#### {expression}' (or a number) and nothing "
+                         "after it", tail)
 
     prog = _Prog(steps, pre, conditions, answer_fn, question, solution)
     return Template(
         id=tid, question=body, init=init, conditions=conds, answer=answer, answer_annotated=aa,
         defaults=MappingProxyType(defaults),
-        original_values=MappingProxyType(_original_values(prog, defaults)),
+        original_values=MappingProxyType(_original_values(prog, defaults, deadline)),
         source_question=str(d.get("question", "")), source_answer=str(d.get("answer", "")),
         _prog=prog,
     )
@@ -627,10 +779,10 @@ def _solve_linear(cond_ast, var: str, ctx: _Ctx, comp: _Compiler):
     return int(v) if v.denominator == 1 else v
 
 
-def _original_values(prog: _Prog, defaults: Mapping[str, str]) -> dict[str, Any]:
+def _original_values(prog: _Prog, defaults: Mapping[str, str], deadline: float | None) -> dict[str, Any]:
     """Values behind the {var,default} texts; a variable without a default is solved from an
     equality condition (e.g. ``x + y + ans == total``), else the first element of its pool."""
-    ctx = _Ctx(RandomStream(np.random.default_rng(0)))
+    ctx = _Ctx(RandomStream(np.random.default_rng(0)), deadline=deadline)
     missing = []
     for step in prog.steps:
         for i, var in enumerate(step.targets):
@@ -638,7 +790,7 @@ def _original_values(prog: _Prog, defaults: Mapping[str, str]) -> dict[str, Any]
                 ctx.vars[var] = _parse_default(defaults[var], lambda: _pool(step, ctx))
             else:
                 missing.append((var, step, i))
-    comp = _Compiler(frozenset(t for s in prog.steps for t in s.targets))
+    comp = _Compiler(frozenset(t for s in prog.steps for t in s.targets), deadline)
     for _ in range(2):  # a second pass lets one solved variable unlock another
         for var, step, i in list(missing):
             for _fn, _src, tree in prog.conditions:
@@ -686,7 +838,39 @@ def _at_sentence_start(before: str) -> bool:
     return not b or b[-1] in ".!?\n" and not b.endswith(("Mr.", "Mrs.", "Ms.", "Dr.", "Prof."))
 
 
-def _text(value: Any, default: str | None, before: str, *, in_answer: bool) -> str:
+class _TooLong(Exception):
+    """A rendered question or solution passed MAX_RENDERED_CHARS."""
+
+
+def _bounded_str(x: Any, limit: int) -> str:
+    """str(x) of a list or tuple, built piece by piece: [2**4000] * 10**5 stops at limit
+    characters instead of printing 120 MB first."""
+    parts, n = [], 0
+
+    def put(s: str) -> None:
+        nonlocal n
+        n += len(s)
+        if n > limit:
+            raise _TooLong
+        parts.append(s)
+
+    def walk(v) -> None:  # str() of a list shows its elements' repr()
+        if not isinstance(v, (list, tuple)):
+            put(repr(v))
+            return
+        put("[" if isinstance(v, list) else "(")
+        for i, e in enumerate(v):
+            if i:
+                put(", ")
+            walk(e)
+        put("]" if isinstance(v, list) else ("," if len(v) == 1 else "") + ")")
+
+    walk(x)
+    return "".join(parts)
+
+
+def _text(value: Any, default: str | None, before: str, *, in_answer: bool,
+          limit: int = MAX_RENDERED_CHARS) -> str:
     """One placeholder's text. Labels show in the question, numbers in the solution."""
     if isinstance(value, Labeled) and in_answer:
         value = value.value
@@ -694,6 +878,8 @@ def _text(value: Any, default: str | None, before: str, *, in_answer: bool) -> s
         s = value.label
     elif isinstance(value, str):
         s = value
+    elif isinstance(value, (list, tuple)):
+        return _bounded_str(value, limit)
     else:
         return format_number(value, _decimals(default))
     # Why: "{c3,Yellow} cards" opens a sentence; a sampled "purple" must read "Purple" there.
@@ -704,31 +890,49 @@ def _text(value: Any, default: str | None, before: str, *, in_answer: bool) -> s
     return s
 
 
-def _render_question(prog: _Prog, values: Mapping[str, Any], *, original: bool = False) -> str:
-    out = []
-    for s in prog.question:
-        if isinstance(s, str):
-            out.append(s)
-            continue
-        var, default = s
-        v = default if original and default else values[var]
-        out.append(_text(v, default, "".join(out[-2:]), in_answer=False))
+def _too_long(tid, what: str) -> CCAError:
+    return _fail(tid, f"the rendered {what} is longer than {MAX_RENDERED_CHARS} characters")
+
+
+def _render_question(t: Template, values: Mapping[str, Any], *, original: bool = False) -> str:
+    out, n = [], 0
+    for s in t._prog.question:
+        if not isinstance(s, str):
+            var, default = s
+            v = default if original and default else values[var]
+            try:
+                s = _text(v, default, "".join(out[-2:]), in_answer=False, limit=MAX_RENDERED_CHARS - n)
+            except _TooLong:
+                raise _too_long(t.id, "question") from None
+        n += len(s)
+        if n > MAX_RENDERED_CHARS:
+            raise _too_long(t.id, "question")
+        out.append(s)
     return "".join(out)
 
 
 def _render_solution(t: Template, ctx: _Ctx) -> str:
-    out = []
+    out, n, src = [], 0, ""
     for s in t._prog.solution:
-        if isinstance(s, str):
-            out.append(s)
-            continue
-        fn, src, bare = s
-        try:
-            v = fn(ctx)
-        except (_Unbound, *_RUNTIME_ERRORS) as e:
-            raise _fail(t.id, f"answer_annotated failed ({_why(e)})", src) from None
-        out.append(_text(v, t.defaults.get(bare), "".join(out[-2:]), in_answer=True))
-    return "".join(out)
+        if not isinstance(s, str):
+            fn, src, bare = s
+            try:
+                v = fn(ctx)
+                s = _text(v, t.defaults.get(bare), "".join(out[-2:]), in_answer=True,
+                          limit=MAX_RENDERED_CHARS - n)
+            except _TooLong:
+                raise _too_long(t.id, "solution (answer_annotated)") from None
+            except (_Unbound, *_RUNTIME_ERRORS) as e:
+                raise _fail(t.id, f"answer_annotated failed ({_why(e)})", src) from None
+        n += len(s)
+        if n > MAX_RENDERED_CHARS:
+            raise _too_long(t.id, "solution (answer_annotated)")
+        out.append(s)
+    text = "".join(out)
+    final = text.rsplit("####", 1)[1]
+    if not _FINAL_NUMBER.fullmatch(final):  # 1/3, a name or a list is no gold answer
+        raise _fail(t.id, f"the final '####' line renders as {final.strip()[:40]!r}, not a number", src)
+    return text
 
 
 def _why(e: Exception) -> str:
@@ -736,6 +940,8 @@ def _why(e: Exception) -> str:
         return f"'{e}' is not set yet"
     if isinstance(e, TemplateValueError):
         return str(e)
+    if isinstance(e, RecursionError):
+        return "values or expressions nested too deeply"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
@@ -799,14 +1005,19 @@ def _holds(fn, ctx) -> bool:
         return False
 
 
-def _draw(t: Template, rng: RandomStream, max_tries: int) -> _Ctx:
+_SLOW_DRAW = "its #conditions are rarely true or its expressions are too slow"
+
+
+def _draw(t: Template, rng: RandomStream, max_tries: int, deadline: float) -> _Ctx:
     prog = t._prog
-    if not all(_holds(fn, _Ctx(rng)) for fn, _ in prog.pre_checks):
+    if not all(_holds(fn, _Ctx(rng, deadline=deadline)) for fn, _ in prog.pre_checks):
         raise _fail(t.id, "a condition on no variable is false")
     steps = [(s, s.targets[0], s.fixed, [fn for fn, _ in s.checks]) for s in prog.steps]
-    index = rng.index
+    index, clock = rng.index, time.monotonic
     for _ in range(max_tries):
-        ctx = _Ctx(rng)
+        if clock() > deadline:
+            raise _OutOfTime
+        ctx = _Ctx(rng, deadline=deadline)
         values = ctx.vars
         for step, name, fixed, checks in steps:
             if fixed is not None:  # hot path: one draw from a precomputed list
@@ -827,71 +1038,99 @@ def failed_conditions(template: Template, values: Mapping[str, Any]) -> list[str
 
 
 def instantiate(template: Template, rng: np.random.Generator, max_tries: int = DEFAULT_MAX_TRIES,
-                *, index: int = 0, seed: int | None = None) -> Instance:
-    """One random instance: sample #init in order, reject until every condition holds."""
-    ctx = _draw(template, RandomStream(rng), max_tries)
-    return _make(template, ctx, _render_question(template._prog, ctx.vars), index, seed)
+                *, index: int = 0, seed: int | None = None, max_seconds: float | None = None) -> Instance:
+    """One random instance: sample #init in order, reject until every condition holds,
+    within ``max_seconds`` (None: $CCA_JAX_TEMPLATE_SECONDS, else DEFAULT_MAX_SECONDS)."""
+    seconds, deadline = _deadline(max_seconds)
+    with _guarded(template.id, seconds, "making an instance", _SLOW_DRAW):
+        ctx = _draw(template, RandomStream(rng), max_tries, deadline)
+        return _make(template, ctx, _render_question(template, ctx.vars), index, seed)
 
 
-def instantiate_original(template: Template) -> Instance:
+def instantiate_original(template: Template, *, max_seconds: float | None = None) -> Instance:
     """The instance with the template's own default values (its source problem).
 
     The question shows each placeholder's default text verbatim; the values (and so the
     solution and #answer) come from ``template.original_values``. Conditions are not
     checked: many originals lie outside the ranges the template samples from.
     """
-    ctx = _Ctx(RandomStream(np.random.default_rng(0)), template.original_values)
-    q = _render_question(template._prog, ctx.vars, original=True)
-    return _make(template, ctx, q, 0, None)
+    seconds, deadline = _deadline(max_seconds)
+    with _guarded(template.id, seconds, "rendering its original", "its expressions are too slow"):
+        ctx = _Ctx(RandomStream(np.random.default_rng(0)), template.original_values, deadline)
+        q = _render_question(template, ctx.vars, original=True)
+        return _make(template, ctx, q, 0, None)
 
 
-def instances(template: Template, n: int, seed: int, max_tries: int = DEFAULT_MAX_TRIES) -> list[Instance]:
+def instances(template: Template, n: int, seed: int, max_tries: int = DEFAULT_MAX_TRIES,
+              *, max_seconds: float | None = None) -> list[Instance]:
     """n instances with distinct questions, deterministic for (seed, template id).
 
     Duplicates are redrawn, at most n * DEDUP_FACTOR draws in all. If the template cannot
     produce n distinct questions within that, FEWER than n are returned (never repeats), so a
-    train/test split of the result cannot leak a question.
+    train/test split of the result cannot leak a question. All n must be made within
+    ``max_seconds`` (None: $CCA_JAX_TEMPLATE_SECONDS, else DEFAULT_MAX_SECONDS), else CCAError.
     """
-    if not isinstance(n, int) or n < 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise CCAError(f"instances: n must be a non-negative integer, got {n!r}")
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise CCAError(f"instances: seed must be a non-negative integer, got {seed!r}")
+    seconds, deadline = _deadline(max_seconds)
     rng = RandomStream(np.random.default_rng([seed, template.id]))
     out, seen = [], set()
-    for _ in range(n * DEDUP_FACTOR):
-        if len(out) == n:
-            break
-        ctx = _draw(template, rng, max_tries)
-        q = _render_question(template._prog, ctx.vars)
-        if q in seen:
-            continue
-        seen.add(q)
-        out.append(_make(template, ctx, q, len(out), seed))
+    with _guarded(template.id, seconds, f"making {n} instances", _SLOW_DRAW):
+        for _ in range(n * DEDUP_FACTOR):
+            if len(out) == n:
+                break
+            ctx = _draw(template, rng, max_tries, deadline)
+            q = _render_question(template, ctx.vars)
+            if q in seen:
+                continue
+            seen.add(q)
+            out.append(_make(template, ctx, q, len(out), seed))
     return out
 
 
 # ---------------------------------------------------------------- loading
 
-def _load_file(path: Path, text: str) -> Template:
+def _load_file(path: Path, data: bytes, max_seconds: float | None = None) -> Template:
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise CCAError(f"{path}: template file of {len(data)} bytes is too large (at most {MAX_TEMPLATE_BYTES})")
     try:
-        d = json.loads(text)
+        d = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CCAError(f"{path}: not UTF-8 text (byte {e.start}): a template is a UTF-8 JSON file") from None
     except json.JSONDecodeError as e:
         raise CCAError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except ValueError as e:  # a number of 5000 digits
+        raise CCAError(f"{path}: invalid JSON ({str(e).split(';')[0][:100]})") from None
+    except RecursionError:  # [[[...]]] 200k deep
+        raise CCAError(f"{path}: invalid JSON (nested too deeply)") from None
+    except MemoryError:
+        raise CCAError(f"{path}: JSON too large to parse") from None
     try:
-        return parse_template(d)
+        return parse_template(d, max_seconds=max_seconds)
     except CCAError as e:
         raise CCAError(f"{path}: {e}") from None
 
 
-def load_templates(directory: str | Path) -> list[Template]:
-    """Every ``*.json`` template in a directory, sorted by id."""
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_TEMPLATE_BYTES + 1)  # no more than the limit, however large the file
+    except OSError as e:
+        raise CCAError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def load_templates(directory: str | Path, *, max_seconds: float | None = None) -> list[Template]:
+    """Every ``*.json`` template in a directory, sorted by id (``max_seconds``: parse_template's)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CCAError(f"template directory not found: {directory}")
     files = sorted(directory.glob("*.json"))
     if not files:
         raise CCAError(f"no *.json templates in {directory}")
-    out = [_load_file(p, p.read_text(encoding="utf-8")) for p in files]
+    seconds = _deadline(max_seconds)[0]  # a bad $CCA_JAX_TEMPLATE_SECONDS is no file's fault
+    out = [_load_file(p, _read(p), seconds) for p in files]
     ids = [t.id for t in out]
     if len(set(ids)) != len(ids):
         raise CCAError(f"duplicate template ids in {directory}")
@@ -902,5 +1141,4 @@ def load_builtin_templates() -> list[Template]:
     """The 24 templates shipped with the package (ids 9001..9024, our own problems)."""
     root = resources.files("cca_jax.data") / "builtin"
     files = sorted((p for p in root.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
-    return sorted((_load_file(Path(p.name), p.read_text(encoding="utf-8")) for p in files),
-                  key=lambda t: t.id)
+    return sorted((_load_file(Path(p.name), p.read_bytes()) for p in files), key=lambda t: t.id)

@@ -94,8 +94,10 @@ def number_to_words(n: int) -> str:
 # ---------------------------------------------------------------- helpers templates call
 
 def _lab(x: Any) -> Any:
-    """A sampled ("label", value) pair becomes a Labeled; anything else is returned as is."""
-    if isinstance(x, tuple) and len(x) == 2 and not isinstance(x[1], (str, tuple, list)):
+    """A sampled ("label", value) pair becomes a Labeled; anything else is returned as is.
+    A list is no label (printing a large one would take long)."""
+    if isinstance(x, tuple) and len(x) == 2 and not isinstance(x[1], (str, tuple, list)) \
+            and not isinstance(x[0], (tuple, list)):
         return Labeled(str(x[0]), x[1])
     return x
 
