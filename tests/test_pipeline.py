@@ -164,3 +164,26 @@ def test_circuit_compare(full_run, tmp_path, capsys):
     assert "Jaccard" in capsys.readouterr().out
     assert compare.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
     assert cli.main(["circuit", "compare", str(d)]) == 2
+
+
+def test_edited_or_truncated_stage_files_are_recomputed(full_run, tmp_path):
+    """A stage whose files changed since it finished (half of base_eval's test records
+    dropped, a truncated mask, a truncated progress record, a truncated done.json) runs
+    again: the summary is the uninterrupted run's, with no traceback."""
+    cfg, d, want = full_run
+    r = tmp_path / "r"
+    shutil.copytree(d, r)
+    st = r / "stages"
+    lines = (st / "base_eval" / "test.jsonl").read_text().splitlines(keepends=True)
+    (st / "base_eval" / "test.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    (st / "circuit" / "mask.npz").write_bytes((st / "circuit" / "mask.npz").read_bytes()[:50])
+    prog = (st / "amplify" / "progress.json").read_text()
+    (st / "amplify" / "progress.json").write_text(prog[: len(prog) // 2])
+    (st / "test" / "done.json").write_text('{"key": ')
+    logs = []
+    got = pipeline.run(cfg, r, progress=False, log=logs.append)
+    assert _strip(got) == _strip(want)
+    for name in ("base_eval", "circuit", "amplify"):
+        assert any(f"stage {name}: its files changed" in m for m in logs), name
+    # the localization stage (its inputs and files unchanged) was reused, not rerun
+    assert (st / "localize" / "done.json").read_text() == (d / "stages" / "localize" / "done.json").read_text()
