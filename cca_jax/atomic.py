@@ -246,8 +246,7 @@ def _abandoned(folder: Path) -> str | None:
         return None  # its writer still runs
     finally:
         os.close(fd)
-    data = _read_marker(folder)
-    if data is None:
+    if _read_marker(folder) is None:
         return None
     return "complete" if _marker_files(folder) is not None else "partial"
 

@@ -174,3 +174,41 @@ def test_a_stopped_export_removes_its_temporary(tmp_path, monkeypatch, capsys, s
         assert cli.main(["export", TINY_YAML, str(target), "--out-dtype", "bfloat16"]) == 130
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_replacing_without_rename_exchange_and_a_live_scratch_is_kept(tmp_path, monkeypatch):
+    """Where renameat2 cannot swap, two renames do; a scratch folder whose writer still
+    holds its lock (another export running) is never removed."""
+    import fcntl
+
+    target = tmp_path / "out"
+    live = tmp_path / ".out.cca_jax-partial-0123456789abcdef"
+    live.mkdir()
+    (live / atomic.MARKER).write_text(json.dumps({"format": "cca_jax export", "version": 1, "complete": False}))
+    with open(live / atomic.MARKER) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        for text in ("old", "new"):
+            with atomic.directory(target) as scratch:
+                (scratch / "x.txt").write_text(text)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
+    assert (target / "x.txt").read_text() == "new"
+    with atomic.directory(target) as scratch:  # the lock is gone: now it is abandoned
+        (scratch / "x.txt").write_text("newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_export_moved_aside_by_a_killed_swap_comes_back(tmp_path):
+    """Killed between the two renames, the target is missing and the earlier export lies
+    under a scratch name: the next export puts it back before writing (so even a failing
+    next export leaves the earlier one in place)."""
+    aside = tmp_path / ".out.cca_jax-partial-00000000000000aa"
+    aside.mkdir()
+    (aside / "x.txt").write_text("old")
+    (aside / atomic.MARKER).write_text(json.dumps(
+        {"format": "cca_jax export", "version": 1, "complete": True, "files": ["x.txt"]}))
+    with pytest.raises(RuntimeError):
+        with atomic.directory(tmp_path / "out"):
+            raise RuntimeError("the new export fails")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "x.txt").read_text() == "old"
