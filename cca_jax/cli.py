@@ -60,8 +60,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cca_jax import export_hf, load_model
+    from cca_jax import atomic, export_hf, load_model
 
+    atomic.check_target(args.out)  # a refused target fails before the model is loaded
     model, tok = load_model(_source(args.model), dtype=args.dtype)
     out = export_hf(model, args.out, dtype=args.out_dtype or args.dtype, tokenizer=tok)
     print(f"wrote {out}")
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="convert a model (e.g. GGUF) to a Hugging Face directory")
     s.add_argument("model", help=src_help)
-    s.add_argument("out", help="output directory (written atomically)")
+    s.add_argument("out", help="output directory: a new path or an earlier export, which is replaced "
+                   "atomically (any other non-empty folder is refused)")
     s.add_argument("--dtype", default="float32", help="dtype to load in")
     s.add_argument("--out-dtype", default=None, help="dtype of the written tensors (default: --dtype)")
     s.set_defaults(func=cmd_export)

@@ -9,6 +9,7 @@ message naming the field, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 from cca_jax.errors import CCAError, UnsupportedConfigError
@@ -27,6 +28,49 @@ def check_attention(name: str) -> str:
     if name not in ATTENTION:
         raise CCAError(f"attention must be one of {', '.join(ATTENTION)}; got {name!r}")
     return name
+
+# Sizes a config states, with upper bounds far above any released model yet low enough
+# that a typo (1e8 layers) is refused at once, before transformers or this package builds
+# per-layer lists or buffers. transformers' field name -> bound.
+SIZE_LIMITS = {
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 1 << 16,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "vocab_size": 1 << 24,
+    "max_position_embeddings": 1 << 40,
+}
+_WINDOW_LIMIT = 1 << 40  # sliding_window: checked only where layers use it
+# ModelConfig's name for each of them.
+_OUR_NAMES = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+              "num_key_value_heads": "num_kv_heads"}
+
+
+def check_size(value: Any, field: str, limit: int, where: str = "config field") -> int:
+    """A whole number from 1 to ``limit`` (not a bool, not 1e8 written as a float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
+        raise UnsupportedConfigError(f"{where} {field} must be a whole number from 1 to {limit}, got {value!r}")
+    return int(value)
+
+
+def check_hf_sizes(raw: Mapping[str, Any], where: str) -> None:
+    """Check the sizes of a raw config dict (config.json, GGUF metadata) before anything is
+    built from them; absent or null fields are left to the defaults."""
+    for field, limit in SIZE_LIMITS.items():
+        if raw.get(field) is not None:
+            check_size(raw[field], field, limit, f"{where}:")
+    text = raw.get("text_config")
+    if isinstance(text, Mapping):  # multimodal gemma3: the text decoder's sizes
+        check_hf_sizes(text, f"{where} text_config")
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise UnsupportedConfigError(f"config field {field} must be a number, got {value!r}")
+    return float(value)
+
 
 # model_type values of transformers configs -> our family.
 _MODEL_TYPES = {
@@ -96,6 +140,11 @@ class ModelConfig:
 
     def __post_init__(self):
         check_attention(self.attention)
+        for hf_field, limit in SIZE_LIMITS.items():  # first: the checks below divide by them
+            name = _OUR_NAMES.get(hf_field, hf_field)
+            check_size(getattr(self, name), name, limit, "ModelConfig")
+        if self.sliding_window is not None:
+            check_size(self.sliding_window, "sliding_window", _WINDOW_LIMIT, "ModelConfig")
         if self.family not in FAMILIES:
             raise UnsupportedConfigError(
                 f"unsupported model family {self.family!r}: supported are {', '.join(FAMILIES)}"
@@ -165,6 +214,8 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 def _rope_from_params(params: Mapping[str, Any] | None, field: str) -> RopeConfig:
     if not params:
         return RopeConfig()
+    if not isinstance(params, Mapping):
+        raise UnsupportedConfigError(f"{field} must be a dictionary, got {params!r}")
     rtype = params.get("rope_type", params.get("type", "default")) or "default"
     if rtype not in ROPE_TYPES:
         raise UnsupportedConfigError(
@@ -172,18 +223,25 @@ def _rope_from_params(params: Mapping[str, Any] | None, field: str) -> RopeConfi
         )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedConfigError(f"unsupported {field}.partial_rotary_factor: only 1.0 is implemented")
-    kw = dict(theta=float(params.get("rope_theta", 10000.0)), type=rtype)
+
+    def need(key):
+        if params.get(key) is None:
+            raise UnsupportedConfigError(f"{field}.{key} is missing: rope_type {rtype!r} needs it")
+        return params[key]
+
+    kw = dict(theta=_number(params.get("rope_theta", 10000.0), f"{field}.rope_theta"), type=rtype)
     if rtype in ("linear", "llama3"):
-        kw["factor"] = float(params["factor"])
+        kw["factor"] = _number(need("factor"), f"{field}.factor")
     if rtype == "llama3":
-        kw["low_freq_factor"] = float(params["low_freq_factor"])
-        kw["high_freq_factor"] = float(params["high_freq_factor"])
-        kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+        kw["low_freq_factor"] = _number(need("low_freq_factor"), f"{field}.low_freq_factor")
+        kw["high_freq_factor"] = _number(need("high_freq_factor"), f"{field}.high_freq_factor")
+        kw["original_max_position_embeddings"] = check_size(
+            need("original_max_position_embeddings"), f"{field}.original_max_position_embeddings", 1 << 40)
     return RopeConfig(**kw)
 
 
 def family_of(model_type: str) -> str:
-    if model_type not in _MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
         raise UnsupportedConfigError(
             f"unsupported architecture {model_type!r}: supported model types are "
             f"{', '.join(sorted(_MODEL_TYPES))}"
@@ -197,11 +255,20 @@ def from_hf(hf_config: Any) -> ModelConfig:
     if model_type == "gemma3" and _get(hf_config, "text_config") is not None:
         hf_config = _get(hf_config, "text_config")  # multimodal wrapper: the text decoder only
     family = family_of(model_type)
-    n_layers = int(_get(hf_config, "num_hidden_layers"))
-    n_heads = int(_get(hf_config, "num_attention_heads"))
-    hidden = int(_get(hf_config, "hidden_size"))
-    head_dim = _get(hf_config, "head_dim") or hidden // n_heads
-    n_kv = int(_get(hf_config, "num_key_value_heads") or n_heads)
+
+    def size(field, default=None):
+        value = _get(hf_config, field)
+        return default if value is None and default is not None else check_size(value, field, SIZE_LIMITS[field])
+
+    n_layers = size("num_hidden_layers")
+    n_heads = size("num_attention_heads")
+    hidden = size("hidden_size")
+    if _get(hf_config, "head_dim") is None and hidden % n_heads:
+        raise UnsupportedConfigError(
+            f"hidden_size ({hidden}) is not a multiple of num_attention_heads ({n_heads}) and head_dim is not set"
+        )
+    head_dim = size("head_dim", hidden // n_heads)
+    n_kv = size("num_key_value_heads", n_heads)
     act = _get(hf_config, "hidden_activation") or _get(hf_config, "hidden_act")
     if family in ("gemma2", "gemma3") and _get(hf_config, "hidden_activation") is None:
         act = "gelu_pytorch_tanh"  # transformers' gemma default when unset
@@ -221,6 +288,8 @@ def from_hf(hf_config: Any) -> ModelConfig:
         if t not in ("sliding_attention", "full_attention"):
             raise UnsupportedConfigError(f"unsupported layer_types entry {t!r}")
     window = _get(hf_config, "sliding_window") if any(sliding) else None
+    if window is not None:
+        check_size(window, "sliding_window", _WINDOW_LIMIT)
 
     rope_params = _get(hf_config, "rope_parameters")
     if rope_params is None:  # transformers < 5 field names
@@ -242,14 +311,14 @@ def from_hf(hf_config: Any) -> ModelConfig:
     eos = _get(hf_config, "eos_token_id")
     kw = dict(
         family=family,
-        vocab_size=int(_get(hf_config, "vocab_size")),
+        vocab_size=size("vocab_size"),
         hidden_size=hidden,
         num_layers=n_layers,
         num_heads=n_heads,
         num_kv_heads=n_kv,
-        head_dim=int(head_dim),
-        intermediate_size=int(_get(hf_config, "intermediate_size")),
-        rms_norm_eps=float(_get(hf_config, "rms_norm_eps", 1e-6)),
+        head_dim=head_dim,
+        intermediate_size=size("intermediate_size"),
+        rms_norm_eps=_number(_get(hf_config, "rms_norm_eps", 1e-6), "rms_norm_eps"),
         hidden_act=act,
         qkv_bias=(family == "qwen2") or attention_bias,
         o_bias=attention_bias and family != "qwen2",
@@ -269,7 +338,7 @@ def from_hf(hf_config: Any) -> ModelConfig:
         rope=rope,
         rope_local=rope_local,
         tie_word_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
-        max_position_embeddings=int(_get(hf_config, "max_position_embeddings", 8192) or 8192),
+        max_position_embeddings=size("max_position_embeddings", 8192),
         bos_token_id=_get(hf_config, "bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
         pad_token_id=_get(hf_config, "pad_token_id"),

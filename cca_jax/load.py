@@ -85,11 +85,13 @@ def load_model(
         reader = gguf_lib._reader(path)
         hf_cfg, arch = gguf_lib.hf_config(reader, path)
         cfg = config_lib.from_hf(hf_cfg)
+        assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
         params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
         tok = gguf_lib.load_tokenizer(path) if with_tokenizer else None
     else:
         cfg, _ = hf_lib.read_config(path)
         files = hf_lib.weight_files(path)
+        assemble_lib.check(cfg, hf_lib.tensor_shapes(files), str(path))  # before any allocation
         params = assemble_lib.assemble(cfg, hf_lib.iter_tensors(files), dt, str(path), put)
         tok = hf_lib.load_tokenizer(path) if with_tokenizer else None
     return Transformer(cfg.replace(attention=attention), rngs=nnx.Rngs(0), params=params), tok
@@ -106,6 +108,9 @@ def export_hf(
 
     dtype: of the written tensors (default: the model's). Shards above ``max_shard_size``
     bytes, with an index. Tied embeddings stay tied (no lm_head tensor is written).
+    out_dir: a new path, an empty folder or an earlier export (it carries
+    ``.cca_jax_export.json``), which is replaced in one step; anything else is refused
+    (``cca_jax.atomic.directory``).
     """
     dt = config_lib.parse_dtype(dtype if dtype is not None else model.dtype)
     return hf_lib.write(model.config, model.params(), out_dir, dt, tokenizer, max_shard_size)

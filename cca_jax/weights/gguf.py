@@ -70,11 +70,15 @@ def hf_config(reader, path: Path):
         if v is not None:
             kw[field] = v
     if "vocab_size" not in kw:
-        kw["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise CCAError(f"{path}: no {arch}.vocab_size and no tokenizer.ggml.tokens: cannot tell the vocabulary size")
+        kw["vocab_size"] = len(tokens.data)
     if arch == "llama" and "head_dim" not in kw:
         dim = _field(reader, "llama.rope.dimension_count")
         if dim:
             kw["head_dim"] = dim
+    config_lib.check_hf_sizes(kw, str(path))  # before transformers builds per-layer lists
     rope = {"rope_type": "default", "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0))}
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
@@ -93,7 +97,11 @@ def hf_config(reader, path: Path):
             kw[field] = int(v)
     names = {t.name for t in reader.tensors}
     kw["tie_word_embeddings"] = "output.weight" not in names
-    return transformers.AutoConfig.for_model(_ARCHS[arch], **kw), arch
+    try:
+        return transformers.AutoConfig.for_model(_ARCHS[arch], **kw), arch
+    except Exception as err:  # transformers' own validation, its lines joined into one
+        why = " ".join(str(err).split())[:400]
+        raise CCAError(f"{path}: transformers rejects this model's metadata ({type(err).__name__}: {why})") from None
 
 
 def read_config(path: Path) -> tuple[ModelConfig, Any]:
@@ -108,22 +116,37 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def _hf_name(names: dict[str, str], t, arch: str, path: Path) -> str:
+    hf_name = names.get(t.name)
+    if hf_name is None:
+        raise CCAError(
+            f"{path}: unknown GGUF tensor {t.name!r} for a {arch} model: the file is a variant "
+            f"this loader does not support"
+        )
+    return hf_name
+
+
+def tensor_shapes(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every GGUF tensor from the header (nothing dequantized). GGUF
+    lists dimensions fastest first; reversed, they are the HF (numpy) order that
+    ``iter_tensors`` yields."""
+    names = mapping.gguf_names(cfg, arch)
+    for t in reader.tensors:
+        yield _hf_name(names, t, arch, path), tuple(int(n) for n in reversed(t.shape))
+
+
 def iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 tensor) for every GGUF tensor, dequantized one at a time."""
     import gguf
 
     names = mapping.gguf_names(cfg, arch)
     for t in reader.tensors:
-        hf_name = names.get(t.name)
-        if hf_name is None:
-            raise CCAError(
-                f"{path}: unknown GGUF tensor {t.name!r} for a {arch} model: the file is a variant "
-                f"this loader does not support"
-            )
+        hf_name = _hf_name(names, t, arch, path)
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
-            w = _unpermute(w, heads)
+            if w.shape[0] % (2 * heads) == 0:  # else a wrong shape, which assemble names
+                w = _unpermute(w, heads)
         if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
             w = w - 1.0
         yield hf_name, w

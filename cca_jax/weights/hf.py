@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import jax
 import numpy as np
 
+from cca_jax import atomic
 from cca_jax import config as config_lib
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
@@ -21,22 +21,57 @@ from cca_jax.weights import mapping
 INDEX = "model.safetensors.index.json"
 
 
+def _read_json_dict(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CCAError(f"{path}: not UTF-8 text (byte {err.start}): not a JSON file") from None
+    except ValueError as err:
+        raise CCAError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise CCAError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where a checkpoint's files may really live: inside the directory, and for a hub
+    cache snapshot (whose files are links into the repository's blob store) that store."""
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        return [root, root.parent.parent / "blobs"]
+    return [root]
+
+
+def _weight_file(directory: Path, name: str) -> Path:
+    """A weight file of ``directory``, confined to it: no absolute path, no "..", no
+    symbolic link out of it, only regular files (never a device or a pipe)."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise CCAError(f"{directory}: shard {name!r} listed in {INDEX} points outside the model "
+                       f"directory: the index is damaged or malicious; nothing was read")
+    path = directory / name
+    if not path.exists():
+        raise CCAError(f"{directory}: shard {name} listed in {INDEX} is missing (or a broken link): "
+                       f"download it again")
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in _allowed_roots(directory)):
+        raise CCAError(f"{path}: a symbolic link to {real}, outside the model directory: copy the "
+                       f"file into the directory; nothing was read")
+    if not real.is_file():
+        raise CCAError(f"{path}: not a regular file: pass a directory of .safetensors files")
+    return path
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, in index order."""
     index = directory / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CCAError(f"{index}: not a valid safetensors index ({err})") from None
-        files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise CCAError(f"{directory}: shard {missing[0]} listed in {INDEX} is missing: download it again")
-        return [directory / f for f in files]
+        weight_map = _read_json_dict(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CCAError(f"{index}: not a valid safetensors index (no weight_map of tensor -> file name)")
+        return [_weight_file(directory, f) for f in dict.fromkeys(weight_map.values())]
     files = sorted(directory.glob("*.safetensors"))
     if files:
-        return files
+        return [_weight_file(directory, f.name) for f in files]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
         raise CCAError(
             f"{directory}: only pickle weights (*.bin/*.pt) found; cca_jax reads safetensors only "
@@ -51,23 +86,53 @@ def read_config(directory: Path) -> tuple[ModelConfig, object]:
         raise CCAError(f"{directory}: no config.json: not a Hugging Face model directory")
     import transformers
 
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as err:
-        raise CCAError(f"{path}: invalid JSON ({err})") from None
+    raw = _read_json_dict(path)
     config_lib.family_of(raw.get("model_type", "<missing model_type>"))  # clear error first
-    hf_cfg = transformers.AutoConfig.from_pretrained(str(directory))
+    config_lib.check_hf_sizes(raw, str(path))  # before transformers builds per-layer lists
+    try:
+        hf_cfg = transformers.AutoConfig.from_pretrained(str(directory))
+    except Exception as err:  # transformers' own validation, its lines joined into one
+        why = " ".join(str(err).split())[:400]
+        raise CCAError(f"{path}: transformers rejects this config ({type(err).__name__}: {why})") from None
     return config_lib.from_hf(hf_cfg), hf_cfg
+
+
+@contextmanager
+def _opened(f: Path):
+    """A safetensors file open for reading; a damaged one (truncated download, wrong
+    header) is one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        st = safe_open(str(f), framework="numpy")
+    except (SafetensorError, OSError) as err:
+        raise CCAError(f"{f}: not a readable safetensors file ({err}): it is truncated or damaged; "
+                       f"download or copy it again") from None
+    with st:
+        yield st
+
+
+def tensor_shapes(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor, from the files' headers only (nothing is read)."""
+    for f in files:
+        with _opened(f) as st:
+            for name in st.keys():
+                yield name, tuple(st.get_slice(name).get_shape())
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """Stream tensors shard by shard (memory-mapped, one tensor materialised at a time)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     for f in files:
-        with safe_open(str(f), framework="numpy") as st:
+        with _opened(f) as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                try:
+                    x = st.get_tensor(name)
+                except (SafetensorError, OSError) as err:
+                    raise CCAError(f"{f}: cannot read tensor {name!r} ({err}): the file is damaged; "
+                                   f"download or copy it again") from None
+                yield name, x
 
 
 def load_tokenizer(directory: Path):
@@ -132,13 +197,13 @@ def hf_state_dict(cfg: ModelConfig, params: dict, dtype) -> list[tuple[str, np.n
 
 def write(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, dtype, tokenizer=None,
           max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write an HF directory atomically (a temporary sibling, then a rename)."""
+    """Write an HF directory atomically: into a scratch sibling that then takes the
+    target's place (``atomic.directory``: only a new path, an empty folder or an earlier
+    export is replaced; killed, nothing is left behind)."""
     from safetensors.numpy import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    out = Path(os.path.expanduser(out_dir))
+    with atomic.directory(out) as tmp:
         hf_cfg = config_lib.to_hf(cfg)
         hf_cfg.dtype = str(np.dtype(jax.numpy.dtype(dtype)))
         hf_cfg.save_pretrained(str(tmp))
@@ -156,10 +221,4 @@ def write(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, dtype, tok
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
