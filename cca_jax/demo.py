@@ -113,8 +113,7 @@ def run(out: str = DEFAULT_OUT, model: str | None = None, templates: str | None 
     log("")
     log(f"CCA on {cfg.model}: held-out test accuracy before and after amplifying the circuit")
     log(report.format_table(summary))
-    t = summary.get("timings_seconds", {})
-    log("  seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+    log("  seconds per stage: " + report.seconds_per_stage(summary)
         + f"; this command {wall:.0f}" + (" (resumed: finished stages were reused)" if resumed else ""))
     report_md = out_dir / "report.md"
     plots = out_dir / "plots"

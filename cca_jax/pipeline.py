@@ -10,16 +10,16 @@ where it stopped. One run at a time per run directory (an OS lock).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from cca_jax import atomic, stages, train_loop
+from cca_jax import atomic, stages, timing, train_loop
 from cca_jax.cca import components
 from cca_jax.data import answers, gsm_symbolic
 from cca_jax.errors import CCAError
@@ -50,6 +50,19 @@ class _Run:
     @property
     def pad(self) -> int:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    @contextlib.contextmanager
+    def stage(self, name: str, key: str):
+        """Run the block (the stage's work) unless stage ``name`` is done with ``key``:
+        yields whether to run it; records the stage's time split either way."""
+        todo = not self.stages.done(name, key)
+        if todo:
+            with timing.account() as acc:
+                yield True
+            self.stages.finish(name, key, acc.wall, timing=acc.to_json())
+        else:
+            yield False
+        self.timings[name] = self.stages.timing(name)
 
     def evaluate(self, model, split: str, desc: str):
         ev = self.config.eval
@@ -86,10 +99,11 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     import yaml
 
     atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model, tok, source = _load(config, model, tok)
-    timings["load_model"] = time.perf_counter() - t0
+    timing.enable_cache(timing.cache_dir(config.compile_cache))
+    timings: dict[str, dict] = {}
+    with timing.account() as acc:
+        model, tok, source = _load(config, model, tok)
+    timings["load_model"] = acc.to_json()
     splits, data_key = _data(config)
     r = _Run(config, run_dir, stages.Stages(run_dir, log), model, tok, splits,
              {"model": stages.model_identity(source), "dtype": config.dtype, "tokenizer": config.tokenizer},
@@ -119,7 +133,8 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
         "test_accuracy_after": test_after.to_json(),
         "test_accuracy_selected_templates": {"before": _mean_over(test_before.per_template, selected),
                                              "after": _mean_over(test_after.per_template, selected)},
-        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        # per stage: total, compile (with the number of XLA compiles), device, host
+        "timings_seconds": dict(timings),
     }
     if export_dir is not None and config.method != "cca":
         summary["export_dir"] = export_dir
@@ -185,13 +200,10 @@ def _read_records(path: Path) -> list[dict]:
 def _base_eval(r: _Run):
     key = digest([r.model_key, r.data_key, dataclasses.asdict(r.config.eval)])
     d = r.stages.dir("base_eval")
-    if not r.stages.done("base_eval", key):
-        t0 = time.perf_counter()
-        for split in ("train", "val", "test"):
+    with r.stage("base_eval", key) as todo:
+        for split in ("train", "val", "test") if todo else ():
             _, recs = r.evaluate(r.model, split, f"base {split}")
             gsm_symbolic.write_jsonl(recs, _records_path(d, split))
-        r.stages.finish("base_eval", key, time.perf_counter() - t0)
-    r.timings["base_eval"] = r.stages.seconds("base_eval")
     return key, {s: _read_records(_records_path(d, s)) for s in ("train", "val", "test")}
 
 
@@ -209,34 +221,16 @@ def _select_templates(r: _Run, base) -> list[int]:
 
 def _localize(r: _Run, base_key, base, selected):
     from cca_jax.cca import examples as ex_lib
-    from cca_jax.cca import pivots
-    from cca_jax.generate import stop_ids
 
-    ev = r.config.eval
     key = digest([base_key, selected, dataclasses.asdict(r.config.pivots)])
     d = r.stages.dir("localize")
-    if not r.stages.done("localize", key):
-        t0 = time.perf_counter()
-        train = [rec for rec in base["train"] if rec["template"] in set(selected)]
-        greedy = [pivots.Trace(tuple(rec["prompt_tokens"]), tuple(rec["generated_tokens"]), bool(rec["correct"]))
-                  for rec in train]
-        golds = [rec["gold"] for rec in train]
-
-        def judge_for(i):
-            return lambda ids: answers.is_correct(
-                answers.extract(r.tok.decode(list(ids), skip_special_tokens=True), ev.answer_mode), golds[i])
-
-        gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
-                      eos_token_id=stop_ids(r.model, r.tok))
-        pc = dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
-        exs, stats = pivots.localize(r.model, greedy, [(rec["template"], rec["instance"]) for rec in train],
-                                     judge_for, pc, gen_kw, progress=r.progress)
-        ex_lib.save(exs, d / "examples.jsonl")
-        atomic.write_json(d / "stats.json", stats)
-        r.stages.finish("localize", key, time.perf_counter() - t0)
+    with r.stage("localize", key) as todo:
+        if todo:
+            exs, stats = _pivotal_tokens(r, base, selected)
+            ex_lib.save(exs, d / "examples.jsonl")
+            atomic.write_json(d / "stats.json", stats)
     examples = ex_lib.load(d / "examples.jsonl")
     stats = stages.read_json(d / "stats.json")
-    r.timings["localize"] = r.stages.seconds("localize")
     r.log(f"localization: {stats}")
     if not examples:
         raise CCAError("localization found no pivotal tokens (no sampled trace flipped correctness): "
@@ -244,36 +238,61 @@ def _localize(r: _Run, base_key, base, selected):
     return key, examples, stats
 
 
+def _pivotal_tokens(r: _Run, base, selected):
+    """SPEC 2 on the selected templates' train items: (examples, stats)."""
+    from cca_jax.cca import pivots
+    from cca_jax.generate import stop_ids
+
+    ev = r.config.eval
+    train = [rec for rec in base["train"] if rec["template"] in set(selected)]
+    greedy = [pivots.Trace(tuple(rec["prompt_tokens"]), tuple(rec["generated_tokens"]), bool(rec["correct"]))
+              for rec in train]
+    golds = [rec["gold"] for rec in train]
+
+    def judge_for(i):
+        return lambda ids: answers.is_correct(
+            answers.extract(r.tok.decode(list(ids), skip_special_tokens=True), ev.answer_mode), golds[i])
+
+    gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
+                  eos_token_id=stop_ids(r.model, r.tok))
+    pc = dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
+    return pivots.localize(r.model, greedy, [(rec["template"], rec["instance"]) for rec in train], judge_for,
+                           pc, gen_kw, progress=r.progress)
+
+
 def _circuit(r: _Run, loc_key, examples):
     cfg = r.config
     method_cfg = cfg.dcm if cfg.localize == "dcm" else cfg.patching
     key = digest([loc_key, cfg.localize, dataclasses.asdict(method_cfg)])
     d = r.stages.dir("circuit")
-    if not r.stages.done("circuit", key):
-        t0 = time.perf_counter()
-        if cfg.localize == "dcm":
-            from cca_jax.cca import dcm
-
-            res = dcm.train_mask(r.model, examples, cfg.dcm, pad_token_id=r.pad, progress=r.progress)
-            components.save(res.mask, d / "mask.npz")
-            components.save(res.m, d / "m.npz")
-            atomic.write_json(d / "history.json", {"history": res.history, "stopped_early": res.stopped_early})
-        elif cfg.localize in ("patching", "attribution"):
-            from cca_jax.cca import patching
-
-            pc = cfg.patching
-            eff = patching.effects_over_examples(r.model, examples, cfg.localize, pc.mode, pc.batch_size,
-                                                 pc.chunk, r.pad, r.progress)
-            components.save(eff, d / "effects.npz")
-            components.save(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by),
-                            d / "mask.npz")
-        else:
-            raise CCAError(f"localize must be dcm, patching or attribution, got {cfg.localize!r}")
-        r.stages.finish("circuit", key, time.perf_counter() - t0)
+    with r.stage("circuit", key) as todo:
+        if todo:
+            _find_circuit(r, d, examples)
     mask = components.load(d / "mask.npz")
     components.check(mask, r.model.config)
-    r.timings["circuit"] = r.stages.seconds("circuit")
     return key, mask
+
+
+def _find_circuit(r: _Run, d: Path, examples) -> None:
+    """mask.npz (and the localizer's own outputs) into ``d``."""
+    cfg = r.config
+    if cfg.localize == "dcm":
+        from cca_jax.cca import dcm
+
+        res = dcm.train_mask(r.model, examples, cfg.dcm, pad_token_id=r.pad, progress=r.progress)
+        components.save(res.mask, d / "mask.npz")
+        components.save(res.m, d / "m.npz")
+        atomic.write_json(d / "history.json", {"history": res.history, "stopped_early": res.stopped_early})
+    elif cfg.localize in ("patching", "attribution"):
+        from cca_jax.cca import patching
+
+        pc = cfg.patching
+        eff = patching.effects_over_examples(r.model, examples, cfg.localize, pc.mode, pc.batch_size,
+                                             pc.chunk, r.pad, r.progress)
+        components.save(eff, d / "effects.npz")
+        components.save(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by), d / "mask.npz")
+    else:
+        raise CCAError(f"localize must be dcm, patching or attribution, got {cfg.localize!r}")
 
 
 def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.LoopResult:
@@ -285,11 +304,16 @@ def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.L
         return r.evaluate(r.model.with_params(params), "val", f"val step {step}")[0].overall
 
     ckpt = train_loop.Checkpoints(d, key)
-    res = train_loop.train_and_select(trainer, val_accuracy, gsm.accuracy(base["val"]).overall, ckpt,
-                                      progress=r.progress, on_step=on_step, log=r.log)
-    if not r.stages.done(name, key):
-        r.stages.finish(name, key, res.seconds)
-    r.timings[name] = r.stages.seconds(name)
+    done = r.stages.done(name, key)
+    with timing.account() as acc:
+        res = train_loop.train_and_select(trainer, val_accuracy, gsm.accuracy(base["val"]).overall, ckpt,
+                                          progress=r.progress, on_step=on_step, log=r.log)
+    if not done:
+        split = acc.to_json()
+        if res.seconds > acc.wall + 0.5:  # resumed: earlier processes ran the first steps
+            split["earlier_runs"] = round(res.seconds - acc.wall, 3)
+        r.stages.finish(name, key, res.seconds, timing=split)
+    r.timings[name] = r.stages.timing(name)
     return res
 
 
@@ -357,12 +381,11 @@ def _finetune(r: _Run, base_key, base, selected, on_step) -> _Trained:
 def _test(r: _Run, trained: _Trained):
     key = digest([trained.key, trained.best_step])
     d = r.stages.dir("test")
-    if not r.stages.done("test", key):
-        t0 = time.perf_counter()
-        _, recs = r.evaluate(r.model.with_params(trained.params), "test", "test (best)")
-        gsm_symbolic.write_jsonl(recs, _records_path(d, "test"))
-        r.stages.finish("test", key, time.perf_counter() - t0)
-    r.timings["test_eval"] = r.stages.seconds("test")
+    with r.stage("test", key) as todo:
+        if todo:
+            _, recs = r.evaluate(r.model.with_params(trained.params), "test", "test (best)")
+            gsm_symbolic.write_jsonl(recs, _records_path(d, "test"))
+    r.timings["test_eval"] = r.timings.pop("test")
     return key, gsm.accuracy(_read_records(_records_path(d, "test")))
 
 
@@ -372,9 +395,9 @@ def _export(r: _Run, params) -> str | None:
     from cca_jax import export_hf
 
     name = CCA_EXPORT_DIR if r.config.method == "cca" else SFT_EXPORT_DIR
-    t0 = time.perf_counter()
-    export_hf(r.model.with_params(params), r.dir / name, tokenizer=r.tok)
-    r.timings["export"] = time.perf_counter() - t0
+    with timing.account() as acc:
+        export_hf(r.model.with_params(params), r.dir / name, tokenizer=r.tok)
+    r.timings["export"] = acc.to_json()
     return name
 
 
@@ -392,15 +415,14 @@ def _add_side_effects(r: _Run, summary, params_after, after_key):
     for name, m, key in (("side_effects_before", r.model, digest([r.model_key, se_cfg])),
                          ("side_effects_after", r.model.with_params(params_after), digest([after_key, se_cfg]))):
         d = r.stages.dir(name)
-        if not r.stages.done(name, key):
-            t0 = time.perf_counter()
-            res = tasks_lib.run_tasks(m, r.tok, list(se.tasks), limit=se.limit, data_dir=se.data_dir,
-                                      batch_size=se.batch_size, progress=r.progress,
-                                      gsm8k_max_new_tokens=se.gsm8k_max_new_tokens)
-            atomic.write_json(d / "results.json", res)
-            r.stages.finish(name, key, time.perf_counter() - t0)
+        with r.stage(name, key) as todo:
+            if todo:
+                res = tasks_lib.run_tasks(m, r.tok, list(se.tasks), limit=se.limit, data_dir=se.data_dir,
+                                          batch_size=se.batch_size, progress=r.progress,
+                                          gsm8k_max_new_tokens=se.gsm8k_max_new_tokens)
+                atomic.write_json(d / "results.json", res)
         out[name] = stages.read_json(d / "results.json")
-        summary["timings_seconds"][name] = round(r.stages.seconds(name), 2)
+        summary["timings_seconds"][name] = r.timings[name]
     before, after = out["side_effects_before"], out["side_effects_after"]
     summary["side_effects"] = {t: {"before": before[t]["score"], "after": after[t]["score"], "n": after[t]["n"],
                                    **tasks_lib.paired_delta(before[t], after[t])}

@@ -107,6 +107,20 @@ def circuit_plots(run_dir: str | Path, out: str | Path) -> list[Path]:
     return files
 
 
+def _split(v) -> dict:
+    """A stage's timing: a split (``timing.Account``) or, in older summaries, seconds."""
+    return v if isinstance(v, dict) else {"total": float(v)}
+
+
+def _total(v) -> float:
+    v = _split(v)
+    return float(v.get("total", 0.0)) + float(v.get("earlier_runs", 0.0))
+
+
+def seconds_per_stage(summary: dict) -> str:
+    return ", ".join(f"{k} {_total(v):.0f}" for k, v in summary.get("timings_seconds", {}).items())
+
+
 def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None) -> Path:
     """``run_dir/report.md``: the before/after table, timings and the plots."""
     run_dir = Path(run_dir)
@@ -122,7 +136,12 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
         lines += ["", "Val accuracy by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in val.items())]
     t = summary.get("timings_seconds", {})
     if t:
-        lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())]
+        lines += ["", "Where the time went (seconds; compile: tracing, lowering and XLA compiles; device: the host "
+                  "waiting for device results; host: the rest):", "",
+                  "| stage | total | compile (XLA compiles) | device | host |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {_total(v):.1f} | " + (f"{v['compile']:.1f} ({v['compiles']}) | {v['device']:.1f} | "
+                                                   f"{v['host']:.1f} |" if "compile" in v else "| | |")
+                  for k, v in ((k, _split(v)) for k, v in t.items())]
     for f in files or []:
         rel = Path(f).relative_to(run_dir) if Path(f).is_relative_to(run_dir) else Path(f)
         lines += ["", f"![{rel.stem}]({rel.as_posix()})"]

@@ -85,6 +85,9 @@ class RunConfig:
     # attention in calls without a cache (prefill, amplification steps): xla | tokamax
     # (fused kernels, pip install 'cca_jax[kernels]'; faster on H100/H200) | tokamax:<impl>
     attention: str = "xla"
+    # JAX's persistent compilation cache (a rerun or resumed run compiles nothing):
+    # "default" ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla), a directory, or "off"
+    compile_cache: str = "default"
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     pivots: PivotConfig = PivotConfig()

@@ -123,6 +123,12 @@ class Stages:
     def seconds(self, name: str) -> float:
         return float(self.record(name).get("seconds", 0.0))
 
+    def timing(self, name: str) -> dict:
+        """The stage's time split as recorded when it finished (``timing.Account``)."""
+        rec = self.record(name)
+        t = rec.get("timing")
+        return t if isinstance(t, dict) else {"total": round(float(rec.get("seconds", 0.0)), 3)}
+
 
 # -- pytrees on disk -------------------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 import os
 import sys
+import tempfile
 
 import pytest
+
+# the pipeline's persistent compilation cache: a fresh one per test session, never the
+# user's (~/.cache/cca_jax/xla)
+os.environ.setdefault("CCA_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="cca_jax_xla_"))
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py
 

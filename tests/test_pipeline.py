@@ -187,3 +187,32 @@ def test_edited_or_truncated_stage_files_are_recomputed(full_run, tmp_path):
         assert any(f"stage {name}: its files changed" in m for m in logs), name
     # the localization stage (its inputs and files unchanged) was reused, not rerun
     assert (st / "localize" / "done.json").read_text() == (d / "stages" / "localize" / "done.json").read_text()
+
+
+def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
+    """timings_seconds: per stage total, compile (with the XLA compile count), device and
+    host. A second run in a new process with the same compilation cache compiles nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CCA_JAX_COMPILE_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-m", "cca_jax.cli", "run", str(CONFIG), "--quiet", "--set", "amplify.steps=2",
+            "--set", "amplify.eval_steps=[2]", "--set", "dcm.epochs=1"]
+    runs = []
+    for name in ("cold", "warm"):
+        proc = subprocess.run(args + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads((tmp_path / name / "summary.json").read_text())["timings_seconds"])
+    cold, warm = runs
+    stages_run = ("load_model", "base_eval", "localize", "circuit", "amplify", "test_eval")
+    for t in (cold, warm):
+        assert set(stages_run) <= set(t)
+        for v in t.values():
+            assert set(v) >= {"total", "compile", "compiles", "cache_hits", "device", "host"}
+            assert v["total"] >= 0 and abs(v["compile"] + v["device"] + v["host"] - v["total"]) < 0.01 + 1e-3 * v["total"]
+    assert sum(v["compiles"] for v in cold.values()) > 20 and cold["base_eval"]["compiles"] > 0
+    assert sum(v["compiles"] for v in warm.values()) == 0, warm
+    assert sum(v["cache_hits"] for v in warm.values()) >= sum(v["compiles"] for v in cold.values()) // 2
+    assert (tmp_path / "cold" / "report.md").read_text().count("| base_eval |") == 1

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cca_jax import timing
 from cca_jax.baselines import lora as lora_lib
 from cca_jax.config import ModelConfig
 from cca_jax.data.prompt import encode
@@ -388,6 +389,7 @@ class FineTuner:
         batch = to_device(step_batch(self.examples, self.config, step, self.T, self.P, self.pad))
         master, opt_state, loss, gnorm = self._step(master, opt_state, self.frozen, batch,
                                                     dropout_key(self.config, step))
+        loss, gnorm = timing.fetch((loss, gnorm))
         return master, opt_state, {"loss": float(loss), "grad_norm": float(gnorm)}
 
     def is_eval_step(self, step):

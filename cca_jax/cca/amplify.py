@@ -22,6 +22,7 @@ import optax
 
 from cca_jax.cca import circuit, components
 from cca_jax.cca.examples import Batch, batches as make_batches
+from cca_jax import timing
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.transformer import forward, layer_list
@@ -117,14 +118,15 @@ def _grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False,
 
 def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n: int, remat: bool = False,
                     unroll: bool = False):
-    """(loss, grad) of -sum(logit diff)/N over all batches, accumulated in float32."""
-    total_loss, total = 0.0, None
+    """(loss, grad) of -sum(logit diff)/N over all batches, accumulated in float32. The
+    batches are dispatched back to back; the loss is read once, at the end."""
+    losses, total = [], None
     for b in batches:
         loss, g = _grad_sum(train, frozen, cfg, jnp.asarray(b.tokens), jnp.asarray(b.mask),
                             jnp.asarray(b.desired), jnp.asarray(b.undesired), remat, unroll)
         total = _accumulate(total, g, 1.0 / n)
-        total_loss += float(loss)
-    return total_loss / n, total
+        losses.append(loss)
+    return float(sum(timing.fetch(losses))) / n, total
 
 
 @functools.partial(jax.jit, donate_argnums=0)

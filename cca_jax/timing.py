@@ -1,0 +1,138 @@
+"""Where a stage's time goes: compilation, waiting for the device, and the host's own work.
+
+- compilation: JAX reports every trace, lowering and XLA compile through
+  ``jax.monitoring`` duration events; ``compiles`` counts XLA compilations that were not
+  served from the persistent cache (``cache_hits`` counts those that were).
+- device: the time the host spends blocked on device results (``wait``/``fetch`` at
+  the points where the program reads them: a stage's device work that the host did not
+  wait for overlapped the host's own work).
+- host: the rest of the wall clock (Python, tokenization, data, dispatch, I/O).
+
+``enable_cache`` turns on JAX's persistent compilation cache, so a rerun or a resumed
+run compiles nothing it compiled before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+
+_COMPILE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+_HIT = "/jax/compilation_cache/cache_hits"
+DEFAULT_CACHE = Path("~/.cache/cca_jax/xla")
+
+
+@dataclasses.dataclass
+class Account:
+    wall: float = 0.0
+    compile: float = 0.0
+    compiles: int = 0  # XLA compilations (cache hits excluded)
+    cache_hits: int = 0
+    device: float = 0.0  # host blocked on device results
+
+    def to_json(self) -> dict:
+        host = max(self.wall - self.compile - self.device, 0.0)
+        return {"total": round(self.wall, 3), "compile": round(self.compile, 3), "compiles": self.compiles,
+                "cache_hits": self.cache_hits, "device": round(self.device, 3), "host": round(host, 3)}
+
+
+_open: list[Account] = []  # accounts being filled (nested stages: every enclosing one too)
+_lock = threading.Lock()
+_listening = False
+
+
+def _on_duration(name: str, seconds: float, **_) -> None:
+    if name in _COMPILE:
+        with _lock:
+            for a in _open:
+                a.compile += seconds
+                a.compiles += name == _BACKEND
+
+
+def _on_event(name: str, **_) -> None:
+    if name == _HIT:
+        with _lock:
+            for a in _open:
+                a.cache_hits += 1
+                a.compiles -= 1  # a backend-compile event follows every request, hit or not
+
+
+def _listen() -> None:
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        jax.monitoring.register_event_listener(_on_event)
+        _listening = True
+
+
+@contextlib.contextmanager
+def account() -> Iterator[Account]:
+    """Fill an Account with what happens inside the block (nested blocks count in every
+    enclosing one)."""
+    _listen()
+    a = Account()
+    t0 = time.perf_counter()
+    with _lock:
+        _open.append(a)
+    try:
+        yield a
+    finally:
+        with _lock:
+            _open.remove(a)
+        a.wall = time.perf_counter() - t0
+
+
+def wait(x):
+    """``jax.block_until_ready(x)``, counted as device time in the open accounts."""
+    if not _open:
+        return jax.block_until_ready(x)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(x)
+    dt = time.perf_counter() - t0
+    with _lock:
+        for a in _open:
+            a.device += dt
+    return out
+
+
+def fetch(x):
+    """``x`` on the host (numpy), the wait for it counted as device time."""
+    return jax.tree.map(np.asarray, jax.device_get(wait(x)))
+
+
+def cache_dir(setting: str | None) -> Path | None:
+    """The persistent compilation cache's directory for a config value: "default"
+    ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla; "off" there turns it off), a
+    path, or None/"off"."""
+    if setting in (None, "off", False):
+        return None
+    if setting == "default":
+        env = os.environ.get("CCA_JAX_COMPILE_CACHE", str(DEFAULT_CACHE))
+        return None if env in ("", "off") else Path(os.path.expanduser(env))
+    return Path(os.path.expanduser(str(setting)))
+
+
+def enable_cache(directory: Path | None) -> None:
+    """JAX's persistent compilation cache in ``directory`` for every compilation, however
+    short (a rerun then compiles nothing). None leaves JAX's settings alone."""
+    if directory is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir == str(directory):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    cc.reset_cache()  # a cache opened earlier in this process with another directory
