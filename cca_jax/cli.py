@@ -69,9 +69,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _check_counts(args, minimums: dict[str, int]) -> None:
+    """One-line CCAError for a numeric option below its minimum (argparse only checks
+    that it is an integer); None means the option was not given."""
+    from cca_jax.errors import CCAError
+
+    for name, least in minimums.items():
+        v = getattr(args, name)
+        if v is not None and v < least:
+            raise CCAError(f"--{name.replace('_', '-')} must be >= {least}, got {v}")
+
+
 def cmd_data(args) -> int:
     from cca_jax.data import gsm_symbolic
+    from cca_jax.runconfig import check_output_file
 
+    _check_counts(args, {"per_template": 1, "seed": 0})
+    check_output_file(args.out)
     items = gsm_symbolic.from_templates(gsm_symbolic.load_template_source(args.templates),
                                         args.per_template, args.seed)
     out = gsm_symbolic.write_jsonl(items, args.out)
@@ -98,7 +112,11 @@ def cmd_eval(args) -> int:
     from cca_jax.data import gsm_symbolic
     from cca_jax.errors import CCAError
     from cca_jax.evaluate import gsm
+    from cca_jax.runconfig import check_run_dir
 
+    _check_counts(args, {"limit": 1, "per_template": 1, "seed": 0, "max_new_tokens": 1, "batch_size": 1,
+                         "shots": 0})
+    check_run_dir(args.out, "--out")
     items = gsm_symbolic.load_items(args.data, per_template=args.per_template, seed=args.seed)
     if args.split != "all":
         items = gsm_symbolic.split(items, args.seed)[args.split]
@@ -116,7 +134,8 @@ def cmd_eval(args) -> int:
             "mode": args.mode, "max_new_tokens": args.max_new_tokens, "shots": args.shots,
             "chat_template": args.chat_template, "seconds": round(time.perf_counter() - t0, 2)}
     out = gsm.write_results(args.out, acc, records, meta)
-    print(f"accuracy {acc.overall:.3f} (95% CI {acc.low:.3f}-{acc.high:.3f}) over {len(acc.per_template)} "
+    how = ", templates resampled" if acc.interval == "templates" else ""
+    print(f"accuracy {acc.overall:.3f} (95% CI {acc.low:.3f}-{acc.high:.3f}{how}) over {len(acc.per_template)} "
           f"templates, {acc.n_items} items; results in {out}")
     for t, a in acc.per_template.items():
         print(f"  template {t}: {a:.3f}")
@@ -126,8 +145,9 @@ def cmd_eval(args) -> int:
 def cmd_run(args) -> int:
     from cca_jax import pipeline, runconfig
 
-    cfg = runconfig.load(args.config, args.set)
+    cfg = runconfig.load(args.config, args.set)  # every field checked: nothing is loaded or written yet
     out = args.out or f"runs/{__import__('pathlib').Path(args.config).stem}"
+    runconfig.check_run_dir(out)
     summary = pipeline.run(cfg, out, progress=not args.quiet)
     b, a = summary["test_accuracy_before"], summary["test_accuracy_after"]
     print(f"test accuracy before {b['overall']:.3f} [{b['low']:.3f}, {b['high']:.3f}]  "
@@ -140,7 +160,9 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     from cca_jax import methods_compare
+    from cca_jax.runconfig import check_run_dir
 
+    check_run_dir(args.out, "--out")
     _, md = methods_compare.write(args.runs, args.out)
     print(md)
     print(f"wrote {args.out}/compare.md, compare.json, compare.png")
@@ -150,12 +172,13 @@ def cmd_compare(args) -> int:
 def cmd_circuit_compare(args) -> int:
     from pathlib import Path
 
+    from cca_jax import atomic
     from cca_jax.cca import compare
+    from cca_jax.runconfig import check_run_dir
 
+    out = check_run_dir(Path(args.out), "--out")
     res = compare.compare(args.runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(res, indent=2))
+    atomic.write_json(out / "compare.json", res)
     try:
         compare.plot(res, out / "compare.png")
     except ImportError:
@@ -177,7 +200,10 @@ def cmd_bench_tasks(args) -> int:
     from cca_jax import atomic, load_model
     from cca_jax.errors import CCAError
     from cca_jax.evaluate import tasks
+    from cca_jax.runconfig import check_output_file
 
+    _check_counts(args, {"batch_size": 1, "max_new_tokens": 1})
+    check_output_file(args.out)  # before the benchmarks run, not after
     data = tasks.prepare(args.tasks, limit=args.limit, data_dir=args.data_dir)  # errors before loading
     model, tok = load_model(_source(args.model), dtype=args.dtype)
     if args.tokenizer == "char":
@@ -191,23 +217,34 @@ def cmd_bench_tasks(args) -> int:
                           progress=not args.quiet, gsm8k_max_new_tokens=args.max_new_tokens)
     meta = {"model": args.model, "dtype": args.dtype, "data_dir": data["data_dir"], "limit": args.limit,
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
-    out = atomic.write_json(args.out, {**meta, "tasks": res})
+    out = atomic.write_json(args.out, tasks.finite_or_null({**meta, "tasks": res}))  # JSON has no NaN
     for name, r in res.items():
-        print(f"{name}: {r['metric']} {r['score']:.4f} (n={r['n']}, {r['seconds']:.1f}s)")
+        score = "n/a (no items)" if r["n"] == 0 else f"{r['score']:.4f}"
+        print(f"{name}: {r['metric']} {score} (n={r['n']}, {r['seconds']:.1f}s)")
     print(f"wrote {out}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from cca_jax import demo
+    from cca_jax.runconfig import check_run_dir
 
+    check_run_dir(args.out)
     demo.run(args.out, model=args.model, templates=args.templates, overrides=args.set, config=args.config,
              progress=not args.quiet)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors (a missing argument, ``--batch-size abc``) in the
+    same one-line form as every other error; exit status 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"cca-jax: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cca-jax", description="Constructive Circuit Amplification in JAX")
+    p = _Parser(prog="cca-jax", description="Constructive Circuit Amplification in JAX")
     sub = p.add_subparsers(dest="command", required=True)
     src_help = "a Hugging Face directory, hub id, .gguf file, or an offline model name (smollm2-135m)"
 

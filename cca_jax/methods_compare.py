@@ -13,12 +13,52 @@ from cca_jax.errors import CCAError
 
 def load_summary(run_dir: str | Path) -> dict:
     f = Path(run_dir) / "summary.json"
-    if not f.exists():
+    if not f.is_file():
         raise CCAError(f"{run_dir}: no summary.json (run `cca-jax run` there to the end first)")
     try:
-        return json.loads(f.read_text())
+        s = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CCAError(f"{f}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise CCAError(f"{f}: not valid JSON (not UTF-8 text)") from None
+    except OSError as err:
+        raise CCAError(f"{f}: cannot read it ({err.strerror or err})") from None
+    problem = _summary_problem(s)
+    if problem:
+        raise CCAError(f"{f}: not a cca-jax run summary ({problem}); rerun `cca-jax run` on {run_dir}")
+    return s
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _summary_problem(s) -> str | None:
+    """What in a parsed summary.json the table and chart cannot use, or None."""
+    if not isinstance(s, dict):
+        return f"a JSON {type(s).__name__}, not an object"
+    for key in ("test_accuracy_before", "test_accuracy_after"):
+        acc = s.get(key)
+        if not isinstance(acc, dict):
+            return f"no {key} object"
+        for k in ("overall", "low", "high"):
+            if not _number(acc.get(k)):
+                return f"{key}.{k} is not a number"
+    for key in ("fraction_components", "fraction_parameters_changed"):
+        if s.get(key) is not None and not _number(s[key]):
+            return f"{key} is not a number"
+    se = s.get("side_effects", {})
+    if not isinstance(se, dict):
+        return "side_effects is not an object"
+    for task, v in se.items():
+        if not isinstance(v, dict) or not all(_number(v.get(k)) for k in ("before", "after", "delta", "n")):
+            return f"side_effects.{task} lacks numeric before, after, delta and n"
+        if ("better" in v) != ("worse" in v):
+            return f"side_effects.{task} has only one of better and worse"
+        ci = v.get("delta_ci")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_number, ci))):
+            return f"side_effects.{task}.delta_ci is not two numbers"
+    return None
 
 
 def table(run_dirs: list[str]) -> dict:

@@ -1,22 +1,208 @@
 """Run configuration: frozen dataclasses loaded from YAML in ``configs/``, with
-``--set a.b=value`` overrides. Unknown keys are errors that name the key."""
+``--set a.b=value`` overrides. Unknown keys are errors that name the key.
+
+Every field is checked as its dataclass is built, against its declared type and the
+range or choices in ``RULES``: a bad value is one line naming the field, before any
+model is loaded or anything is written."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
+import math
+import os
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from cca_jax.baselines.sft import OPTIMIZERS as SFT_OPTIMIZERS
+from cca_jax.baselines.sft import SCHEDULES as SFT_SCHEDULES
 from cca_jax.baselines.sft import SFTConfig
+from cca_jax.cca import dcm as dcm_lib
+from cca_jax.cca import pivots as pivots_lib
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.cca.dcm import DCMConfig
+from cca_jax.cca.patching import MODES as PATCHING_MODES
 from cca_jax.cca.pivots import PivotConfig
-from cca_jax.config import check_attention
+from cca_jax.config import ATTENTION, parse_dtype
+from cca_jax.data.answers import MODES as ANSWER_MODES
 from cca_jax.errors import CCAError
+from cca_jax.evaluate.tasks import TASKS
 
+METHODS = ("cca", "sft_full", "sft_lora")
+LOCALIZE = ("dcm", "patching", "attribution")
+
+
+# -- field checks -------------------------------------------------------------------------
+# Defined before the dataclasses: the sections' __post_init__ (here and in amplify, dcm,
+# pivots, sft) call check_fields, and RunConfig's defaults are built while this module loads.
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any], bool]
+    text: str  # what a valid value is, after "must be"
+
+
+def at_least(n) -> Rule:
+    return Rule(lambda v: v >= n, f">= {n}")
+
+
+def above(n) -> Rule:
+    return Rule(lambda v: v > n, f"> {n}")
+
+
+def at_most(n) -> Rule:
+    return Rule(lambda v: v <= n, f"<= {n}")
+
+
+def below(n) -> Rule:
+    return Rule(lambda v: v < n, f"< {n}")
+
+
+def one_of(*names) -> Rule:
+    return Rule(lambda v: v in names, f"one of {', '.join(map(str, names))}")
+
+
+def _is_dtype(name) -> bool:
+    try:
+        parse_dtype(name)
+    except CCAError:
+        return False
+    return True
+
+
+NONEMPTY = Rule(lambda v: v != "", "non-empty")
+COUNT = at_least(1)  # steps, sizes, batch sizes, token budgets
+SEED = at_least(0)  # numpy's generators refuse negative seeds
+
+# Per section ("" is RunConfig's own fields): field -> rule or tuple of rules. A rule
+# applies to the value, to each element of a tuple, and never to None (Optional fields).
+# Types come from the dataclass annotations.
+RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
+    "": {"model": NONEMPTY, "method": one_of(*METHODS), "localize": one_of(*LOCALIZE),
+         "dtype": Rule(_is_dtype, "a dtype: float32, bfloat16 or float16"), "attention": one_of(*ATTENTION),
+         "tokenizer": Rule(lambda v: v == "char", "'char' or null (the model's own)")},
+    "data": {"templates": NONEMPTY, "per_template": COUNT, "template_ids": at_least(0),
+             "select_threshold": above(0), "select_on": one_of("train", "all"), "seed": SEED},
+    "eval": {"answer_mode": one_of(*ANSWER_MODES), "shots": at_least(0), "max_new_tokens": COUNT,
+             "test_max_new_tokens": COUNT, "batch_size": COUNT},
+    "pivots": {"method": one_of(*pivots_lib.METHODS), "n_samples": COUNT,
+               "temperature_mode": one_of("reference", "intended"), "top_k": COUNT, "max_new_tokens": COUNT,
+               "branch_batch": COUNT, "seed": SEED},
+    "dcm": {"reg": at_least(0), "batch_size": COUNT, "epochs": COUNT, "lr": above(0),
+            "lr_decay": (above(0), at_most(1)), "decay_every_epochs": COUNT, "mode": one_of(*dcm_lib.MODES),
+            "early_stop": one_of(*dcm_lib.MODES), "seed": SEED},
+    "patching": {"mode": one_of(*PATCHING_MODES), "top_k": COUNT, "fraction": (above(0), at_most(1)),
+                 "by": one_of("neg", "abs"), "batch_size": COUNT, "chunk": COUNT},
+    "amplify": {"steps": COUNT, "lr": above(0), "optimizer": one_of("sgd", "adam"), "batch_size": COUNT,
+                "eval_steps": COUNT},
+    "sft": {"lr": above(0), "optimizer": one_of(*SFT_OPTIMIZERS), "weight_decay": at_least(0),
+            "clip": at_least(0), "schedule": one_of(*SFT_SCHEDULES), "warmup": at_least(0), "steps": COUNT,
+            "batch_size": COUNT, "micro_batch_size": COUNT, "eval_steps": COUNT, "lora_r": COUNT,
+            "lora_alpha": above(0), "lora_dropout": (at_least(0), below(1)), "seed": SEED},
+    "side_effects": {"tasks": one_of(*TASKS), "limit": COUNT, "data_dir": NONEMPTY, "batch_size": COUNT,
+                     "gsm8k_max_new_tokens": COUNT},
+}
+
+
+class _Mismatch(Exception):
+    """A value does not have the declared type (caught and reported with the field's name)."""
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        text = " or ".join(_describe(a) for a in arms)
+        return text + (" or null" if len(arms) < len(typing.get_args(tp)) else "")
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of its keys"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _conform(value, tp):
+    """``value`` as type ``tp`` (lists -> tuples, ints -> floats where a float is declared),
+    or _Mismatch. No other conversion: 8.0 is not an integer, 1 is not true."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _conform(value, arm)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_conform(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_conform(v, a) for v, a in zip(value, args))
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                raise _Mismatch from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Mismatch
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch
+        return value
+    if isinstance(tp, type):  # bool, str, a section's dataclass
+        if not isinstance(value, tp):
+            raise _Mismatch
+        return value
+    return value
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj, section: str) -> None:
+    """Check every field of the dataclass ``obj`` against its annotation and RULES[section],
+    normalizing in place (lists to tuples, ints to floats); CCAError names the first bad one."""
+    rules = RULES.get(section, {})
+    for f in dataclasses.fields(obj):
+        name = f"{section}.{f.name}" if section else f.name
+        value = getattr(obj, f.name)
+        tp = _hints(type(obj))[f.name]
+        try:
+            conformed = _conform(value, tp)
+        except _Mismatch:
+            hint = " (quote it in YAML)" if typing.get_origin(tp) is None and tp is str else ""
+            raise CCAError(f"{name} must be {_describe(tp)}{hint}, got {value!r}") from None
+        rule = rules.get(f.name, ())
+        for r in (rule,) if isinstance(rule, Rule) else rule:
+            values = conformed if isinstance(conformed, tuple) else (conformed,)
+            bad = [v for v in values if v is not None and not r.ok(v)]
+            if bad:
+                what = f"every value of {name}" if isinstance(conformed, tuple) else name
+                raise CCAError(f"{what} must be {r.text}, got {bad[0]!r}")
+        if conformed is not value:
+            object.__setattr__(obj, f.name, conformed)
+
+
+# -- the run config -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -31,10 +217,13 @@ class DataConfig:
     split: tuple[float, float, float] = (0.52, 0.08, 0.40)
 
     def __post_init__(self):
-        if self.select_on not in ("train", "all"):
-            raise CCAError(f"data.select_on must be 'train' or 'all', got {self.select_on!r}")
         from cca_jax.data.gsm_symbolic import check_fractions
 
+        if isinstance(self.split, (list, tuple)) and all(isinstance(x, (int, float)) for x in self.split):
+            check_fractions(self.split)  # numbers: its message says what three fractions are needed
+        check_fields(self, "data")
+        if self.template_ids == ():
+            raise CCAError("data.template_ids is empty: list template ids, or null for all")
         object.__setattr__(self, "split", check_fractions(self.split))
 
 
@@ -46,6 +235,9 @@ class EvalConfig:
     max_new_tokens: int = 512  # train / val generations
     test_max_new_tokens: int = 1500
     batch_size: int = 32
+
+    def __post_init__(self):
+        check_fields(self, "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +251,10 @@ class PatchingConfig:
     batch_size: int = 8
     chunk: int = 256  # components per vmapped call
 
-
-METHODS = ("cca", "sft_full", "sft_lora")
+    def __post_init__(self):
+        check_fields(self, "patching")
+        if self.top_k is None and self.fraction is None:
+            raise CCAError("patching: set top_k or fraction (both are null)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +266,9 @@ class SideEffectsConfig:
     data_dir: str | None = None  # None: $CCA_JAX_EVAL_DATA or ../shared/data/eval; "hub": download once
     batch_size: int = 16
     gsm8k_max_new_tokens: int = 256
+
+    def __post_init__(self):
+        check_fields(self, "side_effects")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +295,7 @@ class RunConfig:
     side_effects: SideEffectsConfig = SideEffectsConfig()
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise CCAError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        check_attention(self.attention)
+        check_fields(self, "")  # the sections checked themselves when they were built
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -111,37 +306,25 @@ _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm
              "side_effects": SideEffectsConfig}
 
 
-def _coerce(cls, name: str, value: Any) -> Any:
-    field = {f.name: f for f in dataclasses.fields(cls)}[name]
-    if isinstance(value, list):
-        return tuple(value)
-    if field.type in ("float",) and isinstance(value, int):
-        return float(value)
-    return value
-
-
-def _build(cls, raw: dict, where: str):
+def _build(cls, raw, section: str = ""):
     if not isinstance(raw, dict):
-        raise CCAError(f"{where}: expected a mapping")
+        raise CCAError(f"{section} must be a mapping of its keys, got {raw!r}" if section
+                       else f"a run config is a mapping of keys (model: ..., data: ...), got {raw!r}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(str(k) for k in set(raw) - names)
     if unknown:
-        raise CCAError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    kw = {}
-    for k, v in raw.items():
-        if k in _SECTIONS and cls is RunConfig:
-            kw[k] = _build(_SECTIONS[k], v or {}, f"{where}.{k}")
-        else:
-            kw[k] = _coerce(cls, k, v)
+        where = f" in section {section}" if section else ""
+        raise CCAError(f"unknown key(s) {', '.join(unknown)}{where}; valid: {', '.join(sorted(names))}")
+    kw = {k: _build(_SECTIONS[k], v or {}, k) if cls is RunConfig and k in _SECTIONS else v for k, v in raw.items()}
     try:
         return cls(**kw)
-    except TypeError as err:
-        raise CCAError(f"{where}: {err}") from None
+    except TypeError as err:  # a required key missing
+        raise CCAError(f"{section or 'config'}: {err}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``a.b=value`` (value parsed as YAML) into a nested dict."""
-    raw = json.loads(json.dumps(raw))
+    raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise CCAError(f"--set takes key=value, got {item!r}")
@@ -149,32 +332,101 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section in the YAML (``dcm:``)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise CCAError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise CCAError(f"--set {item}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+    return raw
+
+
+def _read(p: Path):
+    """The YAML mapping in ``p``; one-line errors for what cannot be a run config."""
+    if not p.exists():
+        raise CCAError(f"no such config file: {p}")
+    if p.is_dir():
+        raise CCAError(f"{p}: is a directory; give a run config YAML file (e.g. configs/tiny.yaml)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CCAError(f"{p}: not a UTF-8 text file; give a run config YAML file") from None
+    except OSError as err:
+        raise CCAError(f"{p}: cannot read it ({err.strerror or err})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise CCAError(f"{p}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CCAError(f"{p}: a run config is a mapping of keys (model: ..., data: ...), "
+                       f"got a YAML {type(raw).__name__}")
     return raw
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config in ``path`` with ``overrides``; every field checked (type, range, choices)
+    before anything is loaded or written."""
     p = Path(path)
-    if not p.exists():
-        raise CCAError(f"no such config file: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CCAError(f"{p}: invalid YAML ({str(err).splitlines()[0]})") from None
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(_read(p), overrides or [])
     if "model" not in raw:
         raise CCAError(f"{p}: 'model' is required (a HF dir, hub id, .gguf, model YAML or offline name)")
-    model = str(raw["model"])
-    if model.endswith((".yaml", ".yml")) and not Path(model).is_absolute():
+    model = raw["model"]
+    if isinstance(model, str) and model.endswith((".yaml", ".yml")) and not Path(model).is_absolute():
         # model YAMLs are relative to the run config's directory
         cand = (p.parent / model)
         if cand.exists():
             raw["model"] = str(cand.resolve())
-    return _build(RunConfig, raw, str(p))
+    try:
+        return _build(RunConfig, raw)
+    except CCAError as err:
+        raise CCAError(f"{p}: {err}") from None
 
 
 def from_dict(raw: dict) -> RunConfig:
-    return _build(RunConfig, raw, "config")
+    return _build(RunConfig, raw)
+
+
+# -- output paths -------------------------------------------------------------------------
+
+def _nearest_existing(p: Path) -> Path:
+    """``p`` or its nearest ancestor that exists (where ``mkdir -p`` would start)."""
+    try:
+        while not p.exists() and p != p.parent:
+            p = p.parent
+    except OSError as err:  # e.g. a parent that cannot be searched
+        raise CCAError(f"{p}: cannot be checked ({err.strerror or err})") from None
+    return p
+
+
+def _check_writable(d: Path, what: str) -> None:
+    base = _nearest_existing(d)
+    if not base.is_dir():
+        raise CCAError(f"{what} {d}: cannot be created: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CCAError(f"{what} {d}: {base} is not writable: choose another location")
+
+
+def check_run_dir(path: str | os.PathLike, what: str = "run directory") -> Path:
+    """Fail (CCAError) before any work when ``path`` cannot hold a run: an existing file, or
+    a directory (or the nearest existing parent of a new one) this user cannot write.
+    The CLI calls it before ``pipeline.run``; the pipeline can call it first thing too."""
+    p = Path(path)
+    if _nearest_existing(p) == p and not p.is_dir():  # it exists, as something else
+        raise CCAError(f"{what} {p}: exists and is not a directory: choose another --out")
+    _check_writable(p, what)
+    return p
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail before any work when a result file cannot be written at ``path``: an existing
+    directory there, or a parent that cannot be created or written."""
+    p = Path(path)
+    if p.is_dir():
+        raise CCAError(f"{what} {p}: is a directory; give a file path (e.g. {p / 'results.json'})")
+    _check_writable(p.parent, what)
+    return p

@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cca_jax import cli
 from cca_jax.char_tokenizer import char_tokenizer
 from cca_jax.data import gsm_symbolic
+from cca_jax.evaluate import gsm
 
 import tiny
 
@@ -60,3 +62,32 @@ def test_hub_data_offline_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["eval", "--model", "x", "--data", "hub:main"]) == 2
     assert "cannot download apple/GSM-Symbolic (main)" in capsys.readouterr().err
+
+
+def _stratified_interval(records, n_boot=2000, seed=0):
+    """The interval as computed before templates could be resampled: items resampled
+    within each template, the mean of the template means."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["template"], []).append(float(r["correct"]))
+    rng = np.random.default_rng(seed)
+    boots = sum(rng.choice(np.asarray(v), size=(n_boot, len(v))).mean(axis=1) for v in groups.values()) / len(groups)
+    return tuple(np.percentile(boots, [2.5, 97.5]))
+
+
+def test_interval_with_one_item_per_template_resamples_templates():
+    recs = [{"template": t, "correct": t % 3 == 0} for t in range(20)]  # 7 right, 13 wrong
+    acc = gsm.accuracy(recs)
+    assert acc.overall == pytest.approx(0.35) and acc.interval == "templates"
+    assert acc.low < 0.35 < acc.high and acc.high - acc.low > 0.2  # was 0.350-0.350
+    assert _stratified_interval(recs) == (0.35, 0.35)  # what resampling within templates gives
+    same = gsm.accuracy([{"template": t, "correct": True} for t in range(5)])
+    assert (same.low, same.high) == (1.0, 1.0)  # no variation anywhere: nothing to show
+
+
+def test_interval_with_several_items_per_template_is_unchanged():
+    rng = np.random.default_rng(3)
+    recs = [{"template": t, "correct": bool(rng.random() < 0.2 + 0.1 * t)} for t in range(6) for _ in range(4)]
+    acc = gsm.accuracy(recs)
+    assert acc.interval == "items" and (acc.low, acc.high) == _stratified_interval(recs)
+    assert acc.high > acc.low

@@ -57,37 +57,16 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("lr", "weight_decay", "lora_alpha", "lora_dropout") + (("clip",) if self.clip else ()):
-            v = getattr(self, name)
-            try:
-                object.__setattr__(self, name, float(v))  # YAML reads 1e-5 (no dot) as text
-            except (TypeError, ValueError):
-                raise CCAError(f"sft.{name} must be a number, got {v!r}") from None
-        for name in ("steps", "batch_size", "warmup", "lora_r", "seed"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise CCAError(f"sft.{name} must be an integer, got {getattr(self, name)!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise CCAError(f"sft.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise CCAError(f"sft.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
-            raise CCAError(f"sft: steps, batch_size and lr must be positive and warmup >= 0 (got steps={self.steps}, "
-                           f"batch_size={self.batch_size}, lr={self.lr}, warmup={self.warmup})")
+        # types, ranges and choices of every field: runconfig.RULES (imported here: runconfig
+        # imports this module); below, what relates two fields
+        from cca_jax.runconfig import check_fields
+
+        check_fields(self, "sft")
         if self.warmup >= self.steps and self.schedule != "constant":
             raise CCAError(f"sft.warmup ({self.warmup}) must be below sft.steps ({self.steps})")
-        mb = self.micro_batch_size
-        if mb is not None and (not isinstance(mb, int) or mb < 1 or self.batch_size % mb):
-            raise CCAError(f"sft.micro_batch_size must divide sft.batch_size={self.batch_size}, got {mb!r}")
-        ev = self.eval_steps
-        if isinstance(ev, int) and not isinstance(ev, bool):
-            if ev < 1:
-                raise CCAError(f"sft.eval_steps as an interval must be >= 1, got {ev}")
-        elif not (isinstance(ev, tuple) and all(isinstance(s, int) and s >= 1 for s in ev)):
-            raise CCAError(f"sft.eval_steps must be an interval (int) or a list of steps >= 1, got {ev!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise CCAError(f"sft.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_r < 1:
-            raise CCAError(f"sft.lora_r must be >= 1, got {self.lora_r}")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise CCAError(f"sft.micro_batch_size must divide sft.batch_size={self.batch_size}, "
+                           f"got {self.micro_batch_size}")
         lora_lib.check_targets(self.lora_targets)
 
     @property

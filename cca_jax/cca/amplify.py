@@ -50,8 +50,14 @@ class AmplifyConfig:
     unroll: bool = False
 
     def __post_init__(self):
-        if self.optimizer not in ("sgd", "adam"):
-            raise CCAError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        # types and ranges (steps, lr, batch_size, eval_steps >= 1, optimizer): runconfig.RULES
+        # (imported here: runconfig imports this module)
+        from cca_jax.runconfig import check_fields
+
+        check_fields(self, "amplify")
+        if not self.targets:
+            raise CCAError(f"amplify.targets is empty: choose from "
+                           f"{', '.join(components.DEFAULT_TARGETS + components.OPTIONAL_TARGETS)}")
         components.targets_of(self.targets)
         if self.remat is not False:
             from cca_jax.model.transformer import remat_policy

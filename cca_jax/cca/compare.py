@@ -4,10 +4,12 @@ against the top components by patching effect (for runs that saved effects)."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from cca_jax import atomic
 from cca_jax.cca import components
 from cca_jax.errors import CCAError
 
@@ -29,15 +31,31 @@ def overlap(m1: dict, m2: dict) -> dict:
     }
 
 
+def _read_npz(path: Path, what: str) -> dict:
+    """The arrays of a per-component npz (mask or effects): q, k, v, mlp, each (layers, n)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CCAError(f"{path}: not a readable {what} (.npz): {why}") from None
+    missing = [t for t in components.TYPES if t not in arrays]
+    if missing:
+        raise CCAError(f"{path}: not a cca-jax {what}: no {', '.join(missing)} array(s)")
+    bad = [t for t in components.TYPES if arrays[t].ndim != 2]
+    if bad:
+        raise CCAError(f"{path}: not a cca-jax {what}: {bad[0]} is not (layers, components)")
+    return arrays
+
+
 def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
     d = Path(run_dir) / "stages" / "circuit"
-    if not (d / "mask.npz").exists():
+    if not (d / "mask.npz").is_file():
         raise CCAError(f"{run_dir}: no circuit mask (stages/circuit/mask.npz): not a finished cca-jax run")
-    mask = components.load(d / "mask.npz")
-    effects = None
-    if (d / "effects.npz").exists():
-        with np.load(d / "effects.npz", allow_pickle=False) as f:
-            effects = {k: f[k] for k in f.files}
+    mask = _read_npz(d / "mask.npz", "circuit mask")
+    effects = _read_npz(d / "effects.npz", "effects file") if (d / "effects.npz").exists() else None
+    if effects is not None and any(effects[t].shape != mask[t].shape for t in components.TYPES):
+        raise CCAError(f"{d / 'effects.npz'}: its shapes differ from the run's mask.npz")
     return mask, effects
 
 
@@ -79,7 +97,4 @@ def plot(result: dict, path: str | Path) -> Path:
         ax.set_title(f"Jaccard {p['overall']:.2f}: {Path(p['a']).name} vs {Path(p['b']).name}", fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return atomic.save_figure(fig, path, dpi=110)

@@ -47,10 +47,11 @@ class DCMConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise CCAError(f"dcm mode must be one of {MODES}, got {self.mode!r}")
-        if self.early_stop not in MODES:
-            raise CCAError(f"dcm early_stop must be one of {MODES}, got {self.early_stop!r}")
+        # types, ranges and choices of every field: runconfig.RULES (imported here: runconfig
+        # imports this module)
+        from cca_jax.runconfig import check_fields
+
+        check_fields(self, "dcm")
 
 
 def logit_diff(logits: jax.Array, desired: jax.Array, undesired: jax.Array, mode: str) -> jax.Array:

@@ -42,10 +42,11 @@ class PivotConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise CCAError(f"localization method must be one of {METHODS}, got {self.method!r}")
-        if self.temperature_mode not in ("reference", "intended"):
-            raise CCAError(f"temperature_mode must be 'reference' or 'intended', got {self.temperature_mode!r}")
+        # types, ranges and choices of every field: runconfig.RULES (imported here: runconfig
+        # imports this module)
+        from cca_jax.runconfig import check_fields
+
+        check_fields(self, "pivots")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,11 @@ from cca_jax.data.prompt import encode
 @dataclasses.dataclass(frozen=True)
 class Accuracy:
     overall: float
-    low: float  # 95% interval (stratified bootstrap over items within templates)
+    low: float  # 95% bootstrap interval; ``interval`` says what was resampled
     high: float
     per_template: dict[int, float]
     n_items: int
+    interval: str = "items"  # items (within templates) | templates (see accuracy)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -31,7 +32,16 @@ class Accuracy:
 
 
 def accuracy(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> Accuracy:
-    """records: dicts with "template" and "correct"."""
+    """records: dicts with "template" and "correct".
+
+    The interval resamples items within each template (stratified) when every template
+    has at least two items: the templates are the fixed set the accuracy is defined over
+    (SPEC 0's mean of per-template accuracies), so item sampling is the uncertainty, and
+    SPEC's 20 test items per template measure it. A template of one item has no spread
+    under that scheme, so with any such template (an eval of one item per template gives
+    a zero-width "interval") the templates are resampled instead, each with its observed
+    accuracy: the spread of per-template accuracies already holds their item noise, and
+    it is the only spread such data can show."""
     groups: dict[int, list[bool]] = {}
     for r in records:
         groups.setdefault(int(r["template"]), []).append(bool(r["correct"]))
@@ -40,13 +50,19 @@ def accuracy(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> Accu
     per = {t: float(np.mean(v)) for t, v in sorted(groups.items())}
     overall = float(np.mean(list(per.values())))
     rng = np.random.default_rng(seed)
-    boots = np.zeros(n_boot)
-    for v in groups.values():
-        arr = np.asarray(v, float)
-        boots += rng.choice(arr, size=(n_boot, len(arr)), replace=True).mean(axis=1)
-    boots /= len(groups)
+    if min(len(v) for v in groups.values()) >= 2:
+        boots = np.zeros(n_boot)
+        for v in groups.values():
+            arr = np.asarray(v, float)
+            boots += rng.choice(arr, size=(n_boot, len(arr)), replace=True).mean(axis=1)
+        boots /= len(groups)
+        how = "items"
+    else:
+        accs = np.asarray(list(per.values()))
+        boots = accs[rng.integers(0, len(accs), size=(n_boot, len(accs)))].mean(axis=1)
+        how = "templates"
     low, high = np.percentile(boots, [2.5, 97.5])
-    return Accuracy(overall, float(low), float(high), per, len(records))
+    return Accuracy(overall, float(low), float(high), per, len(records), how)
 
 
 def evaluate(

@@ -445,9 +445,22 @@ def paired_delta(before: dict, after: dict, n_boot: int = 2000, seed: int = 0) -
             "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
 
 
-def _mean(values: Iterable) -> float:
+def _mean(values: Iterable) -> float | None:
+    """The mean, or None (JSON null) for a task with no items: NaN is not JSON."""
     v = [float(x) for x in values]
-    return float(np.mean(v)) if v else math.nan
+    return float(np.mean(v)) if v else None
+
+
+def finite_or_null(obj):
+    """``obj`` with every NaN or infinite float replaced by None, so json.dumps writes
+    valid JSON (it would write the bare token NaN)."""
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def run_tasks(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None = None, data_dir=None,
