@@ -98,13 +98,13 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
 def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     import yaml
 
+    splits, data_key = _data(config)  # bad data fails before anything is written or loaded
     atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     timing.enable_cache(timing.cache_dir(config.compile_cache))
     timings: dict[str, dict] = {}
     with timing.account() as acc:
         model, tok, source = _load(config, model, tok)
     timings["load_model"] = acc.to_json()
-    splits, data_key = _data(config)
     r = _Run(config, run_dir, stages.Stages(run_dir, log), model, tok, splits,
              {"model": stages.model_identity(source), "dtype": config.dtype, "tokenizer": config.tokenizer},
              data_key, progress, log, timings)

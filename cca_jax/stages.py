@@ -223,15 +223,13 @@ class RunLock:
 
 
 def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
-    """Create the run directory (or check an existing one) and that it is writable: one
-    line otherwise, before any work."""
-    d = Path(run_dir)
-    if d.exists() and not d.is_dir():
-        raise CCAError(f"{d}: exists and is not a directory: choose another output directory")
+    """Check that ``run_dir`` can hold a run (``runconfig.check_run_dir``: one line
+    otherwise, before any work), then create it."""
+    from cca_jax.runconfig import check_run_dir
+
+    d = check_run_dir(run_dir)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CCAError(f"{d}: cannot create the run directory ({err.strerror})") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise CCAError(f"{d}: the run directory is not writable: choose another output directory")
     return d

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cca_jax.cca.examples import LocalizationExample
-from cca_jax.errors import CCAError
 from cca_jax.generate import generate
 
 METHODS = ("prefix", "branching")
