@@ -82,7 +82,7 @@ def _check_counts(args, minimums: dict[str, int]) -> None:
 
 def cmd_data(args) -> int:
     from cca_jax.data import gsm_symbolic
-    from cca_jax.runconfig import check_output_file
+    from cca_jax.paths import check_output_file
 
     _check_counts(args, {"per_template": 1, "seed": 0})
     check_output_file(args.out)
@@ -112,7 +112,7 @@ def cmd_eval(args) -> int:
     from cca_jax.data import gsm_symbolic
     from cca_jax.errors import CCAError
     from cca_jax.evaluate import gsm
-    from cca_jax.runconfig import check_run_dir
+    from cca_jax.paths import check_run_dir
 
     _check_counts(args, {"limit": 1, "per_template": 1, "seed": 0, "max_new_tokens": 1, "batch_size": 1,
                          "shots": 0})
@@ -143,11 +143,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cca_jax import pipeline, runconfig
+    from cca_jax import paths, pipeline, runconfig
 
     cfg = runconfig.load(args.config, args.set)  # every field checked: nothing is loaded or written yet
     out = args.out or f"runs/{__import__('pathlib').Path(args.config).stem}"
-    runconfig.check_run_dir(out)
+    paths.check_run_dir(out)
     summary = pipeline.run(cfg, out, progress=not args.quiet)
     b, a = summary["test_accuracy_before"], summary["test_accuracy_after"]
     print(f"test accuracy before {b['overall']:.3f} [{b['low']:.3f}, {b['high']:.3f}]  "
@@ -160,7 +160,7 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     from cca_jax import methods_compare
-    from cca_jax.runconfig import check_run_dir
+    from cca_jax.paths import check_run_dir
 
     check_run_dir(args.out, "--out")
     _, md = methods_compare.write(args.runs, args.out)
@@ -174,7 +174,7 @@ def cmd_circuit_compare(args) -> int:
 
     from cca_jax import atomic
     from cca_jax.cca import compare
-    from cca_jax.runconfig import check_run_dir
+    from cca_jax.paths import check_run_dir
 
     out = check_run_dir(Path(args.out), "--out")
     res = compare.compare(args.runs)
@@ -200,7 +200,7 @@ def cmd_bench_tasks(args) -> int:
     from cca_jax import atomic, load_model
     from cca_jax.errors import CCAError
     from cca_jax.evaluate import tasks
-    from cca_jax.runconfig import check_output_file
+    from cca_jax.paths import check_output_file
 
     _check_counts(args, {"batch_size": 1, "max_new_tokens": 1})
     check_output_file(args.out)  # before the benchmarks run, not after
@@ -227,7 +227,7 @@ def cmd_bench_tasks(args) -> int:
 
 def cmd_demo(args) -> int:
     from cca_jax import demo
-    from cca_jax.runconfig import check_run_dir
+    from cca_jax.paths import check_run_dir
 
     check_run_dir(args.out)
     demo.run(args.out, model=args.model, templates=args.templates, overrides=args.set, config=args.config,

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
-import math
-import os
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable
 
 import yaml
 
-from cca_jax.baselines.sft import OPTIMIZERS as SFT_OPTIMIZERS
-from cca_jax.baselines.sft import SCHEDULES as SFT_SCHEDULES
+from cca_jax import validate
 from cca_jax.baselines.sft import SFTConfig
-from cca_jax.cca import dcm as dcm_lib
-from cca_jax.cca import pivots as pivots_lib
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.cca.dcm import DCMConfig
 from cca_jax.cca.patching import MODES as PATCHING_MODES
@@ -32,40 +23,11 @@ from cca_jax.cca.pivots import PivotConfig
 from cca_jax.config import ATTENTION, parse_dtype
 from cca_jax.data.answers import MODES as ANSWER_MODES
 from cca_jax.errors import CCAError
+from cca_jax.validate import COUNT, NONEMPTY, SEED, Rule, above, at_least, at_most, one_of
 from cca_jax.evaluate.tasks import TASKS
 
 METHODS = ("cca", "sft_full", "sft_lora")
 LOCALIZE = ("dcm", "patching", "attribution")
-
-
-# -- field checks -------------------------------------------------------------------------
-# Defined before the dataclasses: the sections' __post_init__ (here and in amplify, dcm,
-# pivots, sft) call check_fields, and RunConfig's defaults are built while this module loads.
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    ok: Callable[[Any], bool]
-    text: str  # what a valid value is, after "must be"
-
-
-def at_least(n) -> Rule:
-    return Rule(lambda v: v >= n, f">= {n}")
-
-
-def above(n) -> Rule:
-    return Rule(lambda v: v > n, f"> {n}")
-
-
-def at_most(n) -> Rule:
-    return Rule(lambda v: v <= n, f"<= {n}")
-
-
-def below(n) -> Rule:
-    return Rule(lambda v: v < n, f"< {n}")
-
-
-def one_of(*names) -> Rule:
-    return Rule(lambda v: v in names, f"one of {', '.join(map(str, names))}")
 
 
 def _is_dtype(name) -> bool:
@@ -76,130 +38,26 @@ def _is_dtype(name) -> bool:
     return True
 
 
-NONEMPTY = Rule(lambda v: v != "", "non-empty")
-COUNT = at_least(1)  # steps, sizes, batch sizes, token budgets
-SEED = at_least(0)  # numpy's generators refuse negative seeds
-
-# Per section ("" is RunConfig's own fields): field -> rule or tuple of rules. A rule
-# applies to the value, to each element of a tuple, and never to None (Optional fields).
-# Types come from the dataclass annotations.
-RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
+# field -> rule(s) of RunConfig's own fields and of its sections defined here; amplify,
+# dcm, pivots and sft keep theirs next to their dataclasses
+RULES: dict[str, dict] = {
     "": {"model": NONEMPTY, "method": one_of(*METHODS), "localize": one_of(*LOCALIZE),
          "dtype": Rule(_is_dtype, "a dtype: float32, bfloat16 or float16"), "attention": one_of(*ATTENTION),
-         "tokenizer": Rule(lambda v: v == "char", "'char' or null (the model's own)")},
+         "tokenizer": Rule(lambda v: v == "char", "'char' or null (the model's own)"),
+         "compile_cache": NONEMPTY},
     "data": {"templates": NONEMPTY, "per_template": COUNT, "template_ids": at_least(0),
              "select_threshold": above(0), "select_on": one_of("train", "all"), "seed": SEED},
     "eval": {"answer_mode": one_of(*ANSWER_MODES), "shots": at_least(0), "max_new_tokens": COUNT,
              "test_max_new_tokens": COUNT, "batch_size": COUNT},
-    "pivots": {"method": one_of(*pivots_lib.METHODS), "n_samples": COUNT,
-               "temperature_mode": one_of("reference", "intended"), "top_k": COUNT, "max_new_tokens": COUNT,
-               "branch_batch": COUNT, "seed": SEED},
-    "dcm": {"reg": at_least(0), "batch_size": COUNT, "epochs": COUNT, "lr": above(0),
-            "lr_decay": (above(0), at_most(1)), "decay_every_epochs": COUNT, "mode": one_of(*dcm_lib.MODES),
-            "early_stop": one_of(*dcm_lib.MODES), "seed": SEED},
     "patching": {"mode": one_of(*PATCHING_MODES), "top_k": COUNT, "fraction": (above(0), at_most(1)),
                  "by": one_of("neg", "abs"), "batch_size": COUNT, "chunk": COUNT},
-    "amplify": {"steps": COUNT, "lr": above(0), "optimizer": one_of("sgd", "adam"), "batch_size": COUNT,
-                "eval_steps": COUNT},
-    "sft": {"lr": above(0), "optimizer": one_of(*SFT_OPTIMIZERS), "weight_decay": at_least(0),
-            "clip": at_least(0), "schedule": one_of(*SFT_SCHEDULES), "warmup": at_least(0), "steps": COUNT,
-            "batch_size": COUNT, "micro_batch_size": COUNT, "eval_steps": COUNT, "lora_r": COUNT,
-            "lora_alpha": above(0), "lora_dropout": (at_least(0), below(1)), "seed": SEED},
     "side_effects": {"tasks": one_of(*TASKS), "limit": COUNT, "data_dir": NONEMPTY, "batch_size": COUNT,
                      "gsm8k_max_new_tokens": COUNT},
 }
 
 
-class _Mismatch(Exception):
-    """A value does not have the declared type (caught and reported with the field's name)."""
-
-
-def _describe(tp) -> str:
-    if typing.get_origin(tp) in (types.UnionType, typing.Union):
-        arms = [a for a in typing.get_args(tp) if a is not type(None)]
-        text = " or ".join(_describe(a) for a in arms)
-        return text + (" or null" if len(arms) < len(typing.get_args(tp)) else "")
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping of its keys"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _conform(value, tp):
-    """``value`` as type ``tp`` (lists -> tuples, ints -> floats where a float is declared),
-    or _Mismatch. No other conversion: 8.0 is not an integer, 1 is not true."""
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        for arm in typing.get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _conform(value, arm)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_conform(v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise _Mismatch
-        return tuple(_conform(v, a) for v, a in zip(value, args))
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text
-            try:
-                value = float(value)
-            except ValueError:
-                raise _Mismatch from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _Mismatch
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Mismatch
-        return value
-    if isinstance(tp, type):  # bool, str, a section's dataclass
-        if not isinstance(value, tp):
-            raise _Mismatch
-        return value
-    return value
-
-
-@functools.cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def check_fields(obj, section: str) -> None:
-    """Check every field of the dataclass ``obj`` against its annotation and RULES[section],
-    normalizing in place (lists to tuples, ints to floats); CCAError names the first bad one."""
-    rules = RULES.get(section, {})
-    for f in dataclasses.fields(obj):
-        name = f"{section}.{f.name}" if section else f.name
-        value = getattr(obj, f.name)
-        tp = _hints(type(obj))[f.name]
-        try:
-            conformed = _conform(value, tp)
-        except _Mismatch:
-            hint = " (quote it in YAML)" if typing.get_origin(tp) is None and tp is str else ""
-            raise CCAError(f"{name} must be {_describe(tp)}{hint}, got {value!r}") from None
-        rule = rules.get(f.name, ())
-        for r in (rule,) if isinstance(rule, Rule) else rule:
-            values = conformed if isinstance(conformed, tuple) else (conformed,)
-            bad = [v for v in values if v is not None and not r.ok(v)]
-            if bad:
-                what = f"every value of {name}" if isinstance(conformed, tuple) else name
-                raise CCAError(f"{what} must be {r.text}, got {bad[0]!r}")
-        if conformed is not value:
-            object.__setattr__(obj, f.name, conformed)
+    validate.check_fields(obj, section, RULES[section])
 
 
 # -- the run config -----------------------------------------------------------------------
@@ -392,41 +250,3 @@ def from_dict(raw: dict) -> RunConfig:
 
 
 # -- output paths -------------------------------------------------------------------------
-
-def _nearest_existing(p: Path) -> Path:
-    """``p`` or its nearest ancestor that exists (where ``mkdir -p`` would start)."""
-    try:
-        while not p.exists() and p != p.parent:
-            p = p.parent
-    except OSError as err:  # e.g. a parent that cannot be searched
-        raise CCAError(f"{p}: cannot be checked ({err.strerror or err})") from None
-    return p
-
-
-def _check_writable(d: Path, what: str) -> None:
-    base = _nearest_existing(d)
-    if not base.is_dir():
-        raise CCAError(f"{what} {d}: cannot be created: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise CCAError(f"{what} {d}: {base} is not writable: choose another location")
-
-
-def check_run_dir(path: str | os.PathLike, what: str = "run directory") -> Path:
-    """Fail (CCAError) before any work when ``path`` cannot hold a run: an existing file, or
-    a directory (or the nearest existing parent of a new one) this user cannot write.
-    The CLI calls it before ``pipeline.run``; the pipeline can call it first thing too."""
-    p = Path(path)
-    if _nearest_existing(p) == p and not p.is_dir():  # it exists, as something else
-        raise CCAError(f"{what} {p}: exists and is not a directory: choose another --out")
-    _check_writable(p, what)
-    return p
-
-
-def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Fail before any work when a result file cannot be written at ``path``: an existing
-    directory there, or a parent that cannot be created or written."""
-    p = Path(path)
-    if p.is_dir():
-        raise CCAError(f"{what} {p}: is a directory; give a file path (e.g. {p / 'results.json'})")
-    _check_writable(p.parent, what)
-    return p

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cca_jax import atomic
+from cca_jax import atomic, paths
 from cca_jax.errors import CCAError
 
 DONE = "done.json"
@@ -223,11 +223,9 @@ class RunLock:
 
 
 def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
-    """Check that ``run_dir`` can hold a run (``runconfig.check_run_dir``: one line
+    """Check that ``run_dir`` can hold a run (``paths.check_run_dir``: one line
     otherwise, before any work), then create it."""
-    from cca_jax.runconfig import check_run_dir
-
-    d = check_run_dir(run_dir)
+    d = paths.check_run_dir(run_dir)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as err:

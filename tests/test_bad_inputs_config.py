@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cca_jax import cli, pipeline, runconfig
+from cca_jax import cli, paths, pipeline, runconfig
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.errors import CCAError
 
@@ -166,9 +166,9 @@ def test_run_out_in_a_read_only_directory(tmp_path, capsys, monkeypatch):
 
 
 def test_check_run_dir_accepts_a_new_or_existing_writable_directory(tmp_path):
-    assert runconfig.check_run_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert paths.check_run_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()  # a check, not a mkdir
-    assert runconfig.check_run_dir(tmp_path) == tmp_path
+    assert paths.check_run_dir(tmp_path) == tmp_path
 
 
 # -- cca-jax eval / data: numeric options ------------------------------------------------

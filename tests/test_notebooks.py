@@ -53,6 +53,7 @@ def test_quickstart_tiny(tmp_path, monkeypatch):
     nb = _execute("quickstart.ipynb", tmp_path, monkeypatch)
     text = _text(nb)
     assert "LOGITS_MATCH" in text  # the exported model's logits in transformers == JAX's
+    assert "CIRCUIT_ONLY_OK" in text  # a custom loss + optax.adamw on the circuit moved nothing else
     assert "max |logit difference|" in text
     assert "test accuracy before" in text and "test accuracy after" in text
     assert "'layer'" in text and "'kv_head'" in text and "'neuron'" in text  # named axes printed

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cca_jax import timing
+from cca_jax import timing, validate
 from cca_jax.baselines import lora as lora_lib
 from cca_jax.config import ModelConfig
 from cca_jax.data.prompt import encode
@@ -57,11 +57,13 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        # types, ranges and choices of every field: runconfig.RULES (imported here: runconfig
-        # imports this module); below, what relates two fields
-        from cca_jax.runconfig import check_fields
-
-        check_fields(self, "sft")
+        v = validate
+        v.check_fields(self, "sft", {
+            "lr": v.above(0), "optimizer": v.one_of(*OPTIMIZERS), "weight_decay": v.at_least(0),
+            "clip": v.at_least(0), "schedule": v.one_of(*SCHEDULES), "warmup": v.at_least(0), "steps": v.COUNT,
+            "batch_size": v.COUNT, "micro_batch_size": v.COUNT, "eval_steps": v.COUNT, "lora_r": v.COUNT,
+            "lora_alpha": v.above(0), "lora_dropout": (v.at_least(0), v.below(1)), "seed": v.SEED})
+        # what relates two fields
         if self.warmup >= self.steps and self.schedule != "constant":
             raise CCAError(f"sft.warmup ({self.warmup}) must be below sft.steps ({self.steps})")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:

@@ -22,7 +22,7 @@ import optax
 
 from cca_jax.cca import circuit, components
 from cca_jax.cca.examples import Batch, batches as make_batches
-from cca_jax import timing
+from cca_jax import timing, validate
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.transformer import forward, layer_list
@@ -50,11 +50,9 @@ class AmplifyConfig:
     unroll: bool = False
 
     def __post_init__(self):
-        # types and ranges (steps, lr, batch_size, eval_steps >= 1, optimizer): runconfig.RULES
-        # (imported here: runconfig imports this module)
-        from cca_jax.runconfig import check_fields
-
-        check_fields(self, "amplify")
+        validate.check_fields(self, "amplify", {
+            "steps": validate.COUNT, "lr": validate.above(0), "optimizer": validate.one_of("sgd", "adam"),
+            "batch_size": validate.COUNT, "eval_steps": validate.COUNT})
         if not self.targets:
             raise CCAError(f"amplify.targets is empty: choose from "
                            f"{', '.join(components.DEFAULT_TARGETS + components.OPTIONAL_TARGETS)}")

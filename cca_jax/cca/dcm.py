@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cca_jax import validate
 from cca_jax.cca import components
 from cca_jax.cca.examples import Batch, LocalizationExample, batches as make_batches
 from cca_jax.config import ModelConfig
@@ -47,11 +48,11 @@ class DCMConfig:
     seed: int = 0
 
     def __post_init__(self):
-        # types, ranges and choices of every field: runconfig.RULES (imported here: runconfig
-        # imports this module)
-        from cca_jax.runconfig import check_fields
-
-        check_fields(self, "dcm")
+        v = validate
+        v.check_fields(self, "dcm", {
+            "reg": v.at_least(0), "batch_size": v.COUNT, "epochs": v.COUNT, "lr": v.above(0),
+            "lr_decay": (v.above(0), v.at_most(1)), "decay_every_epochs": v.COUNT, "mode": v.one_of(*MODES),
+            "early_stop": v.one_of(*MODES), "seed": v.SEED})
 
 
 def logit_diff(logits: jax.Array, desired: jax.Array, undesired: jax.Array, mode: str) -> jax.Array:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cca_jax import validate
 from cca_jax.cca.examples import LocalizationExample
 from cca_jax.generate import generate
 
@@ -41,11 +42,10 @@ class PivotConfig:
     seed: int = 0
 
     def __post_init__(self):
-        # types, ranges and choices of every field: runconfig.RULES (imported here: runconfig
-        # imports this module)
-        from cca_jax.runconfig import check_fields
-
-        check_fields(self, "pivots")
+        v = validate
+        v.check_fields(self, "pivots", {
+            "method": v.one_of(*METHODS), "n_samples": v.COUNT, "temperature_mode": v.one_of("reference", "intended"),
+            "top_k": v.COUNT, "max_new_tokens": v.COUNT, "branch_batch": v.COUNT, "seed": v.SEED})
 
 
 @dataclasses.dataclass(frozen=True)
