@@ -262,8 +262,10 @@ def _pivotal_tokens(r: _Run, base, selected):
 
 def _circuit(r: _Run, loc_key, examples):
     cfg = r.config
-    method_cfg = cfg.dcm if cfg.localize == "dcm" else cfg.patching
-    key = digest([loc_key, cfg.localize, dataclasses.asdict(method_cfg)])
+    method_cfg = {"dcm": cfg.dcm, "random": cfg.random}.get(cfg.localize, cfg.patching)
+    like = [] if cfg.localize != "random" or cfg.random.like is None else [_like_mask(cfg.random.like)]
+    key = digest([loc_key, cfg.localize, dataclasses.asdict(method_cfg)]
+                 + [{k: np.asarray(v).tolist() for k, v in m.items()} for m in like])
     d = r.stages.dir("circuit")
     with r.stage("circuit", key) as todo:
         if todo:
@@ -291,8 +293,22 @@ def _find_circuit(r: _Run, d: Path, examples) -> None:
                                              pc.chunk, r.pad, r.progress)
         components.save(eff, d / "effects.npz")
         components.save(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by), d / "mask.npz")
+    elif cfg.localize == "random":
+        rc = cfg.random
+        mask = (components.random_like(_like_mask(rc.like), rc.seed) if rc.like is not None
+                else components.random_fraction(r.model.config, rc.fraction, rc.seed))
+        components.save(mask, d / "mask.npz")
     else:
-        raise CCAError(f"localize must be dcm, patching or attribution, got {cfg.localize!r}")
+        raise CCAError(f"localize must be dcm, patching, attribution or random, got {cfg.localize!r}")
+
+
+def _like_mask(like: str) -> dict:
+    """random.like: a run directory's circuit, or a mask.npz."""
+    p = Path(like)
+    f = p / "stages" / "circuit" / "mask.npz" if p.is_dir() else p
+    if not f.is_file():
+        raise CCAError(f"random.like: {like} holds no circuit (stages/circuit/mask.npz): finish that run first")
+    return components.load(f)
 
 
 def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.LoopResult:
