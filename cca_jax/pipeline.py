@@ -114,8 +114,9 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     if config.method == "cca":
         loc_key, examples, loc_stats = _localize(r, base_key, base, selected)
         circ_key, mask = _circuit(r, loc_key, examples)
+        faith = _faithfulness(r, circ_key, examples, mask)
         trained = _amplify(r, circ_key, examples, mask, base, on_step)
-        trained.summary["localization"] = loc_stats
+        trained.summary.update(localization=loc_stats, faithfulness=faith)
     else:
         trained = _finetune(r, base_key, base, selected, on_step)
     test_key, test_after = _test(r, trained)
@@ -309,6 +310,18 @@ def _like_mask(like: str) -> dict:
     if not f.is_file():
         raise CCAError(f"random.like: {like} holds no circuit (stages/circuit/mask.npz): finish that run first")
     return components.load(f)
+
+
+def _faithfulness(r: _Run, circ_key, examples, mask) -> dict:
+    """The circuit's share of the logit difference at the pivots, the rest mean-ablated."""
+    from cca_jax.cca.faithfulness import faithfulness
+
+    d = r.stages.dir("faithfulness")
+    with r.stage("faithfulness", digest([circ_key, "mean-ablation"])) as todo:
+        if todo:
+            atomic.write_json(d / "faithfulness.json",
+                              faithfulness(r.model, examples, mask, r.config.dcm.batch_size, r.pad))
+    return stages.read_json(d / "faithfulness.json")
 
 
 def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.LoopResult:

@@ -128,3 +128,34 @@ def test_sweep_two_seeds_two_methods_writes_the_aggregate(tmp_path, capsys):
     (p,) = cmp["paired"]
     assert p["n_items"] > 0 and "mcnemar" in p
     assert "Paired on the same test items" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_faithfulness_of_full_empty_and_real_circuits(dcm_run):
+    import cca_jax
+    from cca_jax.cca import examples as ex_lib
+    from cca_jax.cca.faithfulness import faithfulness
+
+    cfg, d, s = dcm_run
+    model, _ = cca_jax.load_model(cfg.model)
+    exs = ex_lib.load(d / "stages" / "localize" / "examples.jsonl")
+    full = components.binarize(components.full(model.config))
+    empty = {k: np.zeros_like(v) for k, v in full.items()}
+    f_full, f_empty = faithfulness(model, exs, full, 4), faithfulness(model, exs, empty, 4)
+    assert f_full["fraction"] == pytest.approx(1.0, abs=1e-5)  # nothing ablated
+    assert f_empty["ld_circuit"] == pytest.approx(f_empty["ld_all_ablated"], abs=1e-5)
+    # the full model's LD from plain forwards
+    b = ex_lib.make_batch(exs)
+    lg = np.asarray(model(jax_np(b.tokens), mask=jax_np(b.mask)).logits[:, -1])
+    rows = np.arange(len(exs))
+    assert f_full["ld_full"] == pytest.approx(float(np.mean(lg[rows, b.desired] - lg[rows, b.undesired])), abs=1e-4)
+    assert s["faithfulness"]["examples"] == len(exs) and s["faithfulness"]["ld_full"] == pytest.approx(
+        f_full["ld_full"], abs=1e-4)
+    half = faithfulness(model, exs, components.random_fraction(model.config, 0.5, 0), 4)
+    assert half["ld_circuit"] != pytest.approx(half["ld_full"], abs=1e-6)
+    assert half["ld_circuit"] != pytest.approx(half["ld_all_ablated"], abs=1e-6)
+
+
+def jax_np(x):
+    import jax.numpy as jnp
+
+    return jnp.asarray(x)
