@@ -157,8 +157,9 @@ class RunConfig:
     # attention in calls without a cache (prefill, amplification steps): xla | tokamax
     # (fused kernels, pip install 'cca_jax[kernels]'; faster on H100/H200) | tokamax:<impl>
     attention: str = "xla"
-    # JAX's persistent compilation cache (a rerun or resumed run compiles nothing):
-    # "default" ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla), a directory, or "off"
+    # JAX's persistent compilation cache (a rerun or resumed run compiles nothing): a
+    # directory, "off", or "default" ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla on
+    # GPU/TPU and off on the CPU: see timing.cache_dir)
     compile_cache: str = "default"
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
