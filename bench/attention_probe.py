@@ -30,7 +30,7 @@ def main():
 
     from cca_jax import model_yaml
     from cca_jax.model import attention_kernels as ak
-    from cca_jax.model import transformer as tr
+    from cca_jax.model import attention as attn
 
     cfg, _ = model_yaml.read(MODELS["gemma-2-2b"])
     H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -53,7 +53,7 @@ def main():
 
         def attend(q, k, v, impl):
             if impl == "ours":
-                return tr.attend_self_xla(cfg, q, k, v, pos, pos, sliding, True)
+                return attn.attend_self_xla(cfg, q, k, v, pos, pos, sliding, True)
             name_, _, opt = impl.partition("-")  # "mosaic-nomask": causal only, no padding mask
             return ak.attend_self(cfg, q, k, v, pos, pos, sliding, True, implementation=name_, dense_mask=opt != "nomask")
 
@@ -87,7 +87,7 @@ def _decode_shape(cfg, args, res):
     import jax.numpy as jnp
 
     from cca_jax.model import attention_kernels as ak
-    from cca_jax.model import transformer as tr
+    from cca_jax.model import attention as attn
 
     H, KV, Dh, B, S = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 32, 1024
     G = H // KV
@@ -102,11 +102,11 @@ def _decode_shape(cfg, args, res):
 
     def ours(q, kc, vc):  # as a decode step runs it
         qh = q.reshape(B, 1, KV, G, Dh).transpose(0, 2, 3, 1, 4)
-        return tr._attend_buffer(cfg, qh, kc, vc, qpos, kpos, sliding).reshape(B, 1, H, Dh)
+        return attn.attend_buffer(cfg, qh, kc, vc, qpos, kpos, sliding).reshape(B, 1, H, Dh)
 
     def kernel(q, kc, vc):
-        mask = tr._scores_mask(qpos, kpos, sliding, cfg)[:, None]
-        return ak._tokamax().dot_product_attention(
+        mask = attn.scores_mask(qpos, kpos, sliding, cfg)[:, None]
+        return ak.import_tokamax().dot_product_attention(
             q, kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3), mask=mask, scale=cfg.scale,
             logits_soft_cap=cfg.attn_logit_softcap, implementation=None)
 

@@ -66,7 +66,7 @@ def _model(name: str):
     # BENCH_ATTENTION (set by --attention): "xla" or "tokamax" for calls without a cache
     model, _ = load_model(MODELS[name], dtype="bfloat16", with_tokenizer=False,
                           attention=os.environ.get("BENCH_ATTENTION", "xla"))
-    return model
+    return _tuning(model)
 
 
 def _tree_bytes(tree) -> int:
@@ -75,18 +75,19 @@ def _tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _bench_knobs():
-    """BENCH_CAUSAL_BLOCKS / BENCH_MIN_BLOCK: try other causal query-block settings;
-    BENCH_DECODE_WRITE_FIRST=0/1: decode steps read the cache as a constant / write first;
-    BENCH_DECODE_AHEAD=0/1: generate reads each decode chunk before / after sending the next."""
-    from cca_jax import generate as gen
-    from cca_jax.model import transformer as tr
+def _tuning(model):
+    """BENCH_CAUSAL_BLOCKS / BENCH_MIN_BLOCK: try other causal query-block settings (the
+    model config's ``tuning``: every program compiled for this model uses them)."""
+    changes = {field: int(os.environ[env]) for env, field in (("BENCH_CAUSAL_BLOCKS", "causal_blocks"),
+                                                              ("BENCH_MIN_BLOCK", "min_block")) if os.environ.get(env)}
+    return model.with_tuning(**changes) if changes else model
 
-    for env, mod, name in (("BENCH_CAUSAL_BLOCKS", tr, "CAUSAL_BLOCKS"), ("BENCH_MIN_BLOCK", tr, "MIN_BLOCK"),
-                           ("BENCH_DECODE_WRITE_FIRST", gen, "DECODE_WRITE_FIRST"),
-                           ("BENCH_DECODE_AHEAD", gen, "DECODE_AHEAD")):
-        if os.environ.get(env) and hasattr(mod, name):
-            setattr(mod, name, type(getattr(mod, name))(int(os.environ[env])))
+
+def _generate_options() -> dict:
+    """BENCH_DECODE_WRITE_FIRST=0/1: decode steps read the cache as a constant / write first;
+    BENCH_DECODE_AHEAD=0/1: generate reads each decode chunk before / after sending the next."""
+    return {opt: bool(int(os.environ[env])) for env, opt in (("BENCH_DECODE_WRITE_FIRST", "write_first"),
+                                                             ("BENCH_DECODE_AHEAD", "ahead")) if os.environ.get(env)}
 
 
 def _random_tokens(key, shape, vocab):
@@ -240,7 +241,7 @@ def part_generate(name: str, shared: bool) -> dict:
         prompts = [rng.integers(3, cfg.vocab_size, GEN_PROMPT).tolist() for _ in range(GEN_BATCH)]
 
     def run():
-        out = generate(model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH)
+        out = generate(model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH, **_generate_options())
         assert all(len(o) == GEN_NEW for o in out)
         return jax.numpy.zeros(())
 
@@ -386,7 +387,6 @@ def main():
     args = ap.parse_args()
     os.environ["BENCH_ATTENTION"] = args.attention  # the parts run as subprocesses
     if args.part:
-        _bench_knobs()
         print(json.dumps(PARTS[args.part](args.model)))
         return
     only = args.only.split(",")

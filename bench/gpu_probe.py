@@ -4,9 +4,8 @@ timed alone on gemma-2-2b (bf16), with their compiled HLO written to $OUT for re
     python bench/gpu_probe.py [--out DIR] [--parts prefill,decode,dcm,amplify,generate]
 
 ``generate`` times the whole ``generate`` call as gpu_perf does (prefill, decode chunks and
-the host work between them): chunks sent ahead (the default) or one at a time, the cache's
-zeros jitted or op by op, chunks of 32 or 128 steps, interleaved in one process; and the
-host time of the calls it makes.
+the host work between them): chunks sent ahead (the default) or one at a time, chunks of
+32 or 128 steps, interleaved in one process; and the host time of the calls it makes.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_perf import BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, ROTATE, SEQ, _bench_knobs, _median_time, _model  # noqa: E402
+from gpu_perf import (BATCH, GEN_BATCH, GEN_NEW, GEN_PROMPT, ROTATE, SEQ, _generate_options,  # noqa: E402
+                      _median_time, _model)
 
 
 def main():
@@ -35,15 +35,14 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    _bench_knobs()
-
-    from cca_jax.generate import _decode, _prefill, Sampling
+    from cca_jax.generate import Sampling, decode_chunk
     from cca_jax.model.cache import init_cache
+    from cca_jax.model.prefill import prefill
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = _model(args.model)
-    from cca_jax.model.transformer import unstack_layers
+    from cca_jax.model.params import unstack_layers
 
     # as generate runs them: prefill on the stacked weights, decode on per-layer ones
     cfg, stacked = model.config, model.params()
@@ -56,16 +55,17 @@ def main():
     toks = jnp.asarray(rng.integers(3, cfg.vocab_size, (GEN_BATCH, GEN_PROMPT)), jnp.int32)
     mask = jnp.ones_like(toks, bool)
     size = 1024
+    wf = {k: v for k, v in _generate_options().items() if k == "write_first"}  # BENCH_DECODE_WRITE_FIRST
 
     def fresh():
         return init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
 
     if "prefill" in parts or "decode" in parts:
-        res["prefill_s"] = _median_time(lambda: _prefill(cfg, stacked, toks, mask, fresh()), warm=1, reps=5)
-        res["prefill_unrolled_s"] = _median_time(lambda: _prefill(cfg, params, toks, mask, fresh()), warm=1, reps=5)
-        (out / "prefill.hlo.txt").write_text(_prefill.lower(cfg, stacked, toks, mask, fresh()).compile().as_text())
+        res["prefill_s"] = _median_time(lambda: prefill(cfg, stacked, toks, mask, fresh()), warm=1, reps=5)
+        res["prefill_unrolled_s"] = _median_time(lambda: prefill(cfg, params, toks, mask, fresh()), warm=1, reps=5)
+        (out / "prefill.hlo.txt").write_text(prefill.lower(cfg, stacked, toks, mask, fresh()).compile().as_text())
     if "decode" in parts:
-        logits, cache = _prefill(cfg, stacked, toks, mask, fresh())
+        logits, cache = prefill(cfg, stacked, toks, mask, fresh())
         pos0 = cache.pos + 0  # the cache is donated to each decode call
         eos = jnp.asarray([-1], jnp.int32)
         done = jnp.zeros((GEN_BATCH,), bool)
@@ -73,7 +73,8 @@ def main():
         holder = {"cache": cache}
 
         def dec():
-            c, lg, d, k, t = _decode(cfg, params, holder["cache"], logits, done, key, eos, 0, 32, Sampling())
+            c, lg, d, k, t = decode_chunk(cfg, params, holder["cache"], logits, done, key, eos, 0, 32, Sampling(),
+                                         **wf)
             holder["cache"] = _reset(c)
             return t
 
@@ -83,7 +84,8 @@ def main():
         res["decode_32_steps_s"] = _median_time(dec, warm=1, reps=5)
         res["decode_step_ms"] = res["decode_32_steps_s"] / 32 * 1e3
         (out / "decode.hlo.txt").write_text(
-            _decode.lower(cfg, params, holder["cache"], logits, done, key, eos, 0, 32, Sampling()).compile().as_text())
+            decode_chunk.lower(cfg, params, holder["cache"], logits, done, key, eos, 0, 32, Sampling(), **wf)
+            .compile().as_text())
     if "dcm" in parts:
         from cca_jax.cca import components, dcm
 
@@ -117,30 +119,25 @@ def main():
                                       trace_dir=str(out / "trace_amplify") if args.trace else None,
                                       unroll=args.unroll)
     if "generate" in parts:
-        from cca_jax import generate as gen_mod
-        from cca_jax.model import cache as cache_mod
+        from cca_jax.generate import generate
 
         prompts = np.asarray(toks).tolist()
 
-        def gen(chunk=32):
-            out = gen_mod.generate(gen_model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH, chunk=chunk)
+        def gen(chunk=32, ahead=True):
+            out = generate(gen_model, prompts, GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH, chunk=chunk,
+                           **{**_generate_options(), "ahead": ahead})
             assert all(len(o) == GEN_NEW for o in out)
             return jnp.zeros(())
 
-        # same-process A/B, interleaved: chunks sent ahead or one at a time; the cache's
-        # zeros in one jitted call or op by op (as before)
-        variants = {"generate_s": (True, cache_mod.init_cache), "generate_one_at_a_time_s": (False, cache_mod.init_cache),
-                    "generate_eager_zeros_one_at_a_time_s": (False, cache_mod.init_cache.__wrapped__),
-                    "generate_chunk128_s": (True, cache_mod.init_cache)}
+        # same-process A/B, interleaved: chunks sent ahead or one at a time, 32 or 128 steps
+        variants = {"generate_s": (32, True), "generate_one_at_a_time_s": (32, False), "generate_chunk128_s": (128, True)}
         times = {k: [] for k in variants}
         for rep in range(6):
-            for name, (ahead, init) in variants.items():
-                gen_mod.DECODE_AHEAD, gen_mod.init_cache = ahead, init
+            for name, (chunk, ahead) in variants.items():
                 t = time.perf_counter()
-                jax.block_until_ready(gen(128 if "128" in name else 32))
+                jax.block_until_ready(gen(chunk, ahead))
                 if rep:  # the first round compiles
                     times[name].append(time.perf_counter() - t)
-        gen_mod.DECODE_AHEAD, gen_mod.init_cache = True, cache_mod.init_cache
         res.update({k: sorted(v)[len(v) // 2] for k, v in times.items()})
         # host time to dispatch the calls generate makes (the device waits when it is long)
         c = init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
@@ -148,11 +145,11 @@ def main():
         t = time.perf_counter()
         c = init_cache(cfg, GEN_BATCH, size, params['embed'].dtype)
         res["init_cache_dispatch_ms"] = 1e3 * (time.perf_counter() - t)
-        lg, c = _prefill(cfg, stacked, toks, mask, c)
+        lg, c = prefill(cfg, stacked, toks, mask, c)
         jax.block_until_ready(c)
         t = time.perf_counter()
-        o = _decode(cfg, params, c, lg, jnp.zeros((GEN_BATCH,), bool), jax.random.key(0), jnp.asarray([-1], jnp.int32),
-                    0, 32, Sampling())
+        o = decode_chunk(cfg, params, c, lg, jnp.zeros((GEN_BATCH,), bool), jax.random.key(0),
+                         jnp.asarray([-1], jnp.int32), 0, 32, Sampling(), **wf)
         res["decode_dispatch_ms"] = 1e3 * (time.perf_counter() - t)
         jax.block_until_ready(o)
         t = time.perf_counter()
@@ -165,7 +162,7 @@ def main():
             traced["generate"] = gen
             traced["generate128"] = lambda: gen(128)
         if "prefill" in parts:
-            traced["prefill"] = lambda: _prefill(cfg, stacked, toks, mask, fresh())[0]
+            traced["prefill"] = lambda: prefill(cfg, stacked, toks, mask, fresh())[0]
         if "decode" in parts:
             traced["decode"] = dec
         if "dcm" in parts:

@@ -47,7 +47,7 @@ def main():
             if impl == "ours":
                 g, u = jnp.split(x @ w, 2, axis=-1)
                 return act(g) * u
-            return ak._tokamax().gated_linear_unit(x, w.reshape(D, 2, F), activation=act, implementation=impl)
+            return ak.import_tokamax().gated_linear_unit(x, w.reshape(D, 2, F), activation=act, implementation=impl)
 
         ref = glu(x.astype(jnp.float32), w.astype(jnp.float32), "ours")
         for impl in args.impl.split(","):

@@ -97,6 +97,20 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Performance switches of the forward pass: not architecture, never saved; static
+    (part of every compiled program's key), so a changed value compiles anew."""
+
+    # cached calls of at most this many new tokens (decoding, the DCM and patching steps)
+    # read the cache in place and write their keys/values after the layers
+    read_cache_tokens: int = 8
+    # long calls without a cache run causal attention in up to this many query blocks of
+    # at least min_block tokens (the blocks above the diagonal are never computed)
+    causal_blocks: int = 4
+    min_block: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: str
     vocab_size: int
@@ -137,9 +151,12 @@ class ModelConfig:
     # Not architecture: how attention is computed (see ATTENTION), like transformers'
     # attn_implementation. Never saved with a checkpoint (to_dict leaves it out).
     attention: str = "xla"
+    tuning: Tuning = Tuning()  # runtime too: see Tuning
 
     def __post_init__(self):
         check_attention(self.attention)
+        if not isinstance(self.tuning, Tuning):
+            raise CCAError(f"ModelConfig tuning must be a config.Tuning, got {self.tuning!r}")
         for hf_field, limit in SIZE_LIMITS.items():  # first: the checks below divide by them
             name = _OUR_NAMES.get(hf_field, hf_field)
             check_size(getattr(self, name), name, limit, "ModelConfig")
@@ -192,7 +209,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("attention")  # a runtime choice, not part of the model
+        d.pop("attention")  # runtime choices, not part of the model
+        d.pop("tuning")
         return d
 
     @classmethod

@@ -24,8 +24,10 @@ import numpy as np
 
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
-from cca_jax.model.cache import KVCache, init_cache
-from cca_jax.model.transformer import forward, unstack_layers
+from cca_jax.model.cache import KVCache, init_cache, tile_cache
+from cca_jax.model.params import unstack_layers
+from cca_jax.model.prefill import left_pad, prefill
+from cca_jax.model.transformer import forward
 
 # A stop rule sees one row's generated ids and returns how many to keep, or None to go on.
 StopRule = Callable[[Sequence[int]], "int | None"]
@@ -76,23 +78,14 @@ def next_token(key: jax.Array, logits: jax.Array, s: Sampling) -> jax.Array:
     return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefill(cfg: ModelConfig, params, tokens, mask, cache):
-    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
-    out = forward(cfg, params, tokens, mask=mask, cache=cache, at=last)
-    return out.logits[:, 0], out.cache
-
-
-# decode steps write each token's keys/values into the cache before attending (one
-# softmax over the buffer, fewer kernels per layer than reading it as a constant)
-DECODE_WRITE_FIRST = True
-# generate sends the next decode chunk before reading the last one's tokens (see generate)
-DECODE_AHEAD = True
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling"), donate_argnames=("cache",))
-def _decode(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pad, steps: int, sampling: Sampling):
-    """``steps`` decode steps. Finished rows emit ``pad`` and are masked out of the cache."""
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "write_first"), donate_argnames=("cache",))
+def decode_chunk(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pad, steps: int, sampling: Sampling,
+                 write_first: bool = True):
+    """``steps`` decode steps from the last ``logits`` (B, V). Finished rows (``done``, or
+    an ``eos`` token emitted) emit ``pad`` and are masked out of the cache. ``cache`` is
+    donated. write_first: each step writes its keys/values before attending (one
+    softmax over the buffer: fewer kernels per layer than reading it as a constant).
+    Returns (cache, logits, done, key, tokens (B, steps))."""
 
     def step(carry, _):
         cache, logits, done, key = carry
@@ -102,7 +95,7 @@ def _decode(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pa
         emitted_done = done
         done = done | jnp.isin(tok, eos)
         out = forward(cfg, params, tok[:, None], mask=~emitted_done[:, None], cache=cache,
-                      at=jnp.zeros((tok.shape[0], 1), jnp.int32), write_first=DECODE_WRITE_FIRST)
+                      at=jnp.zeros((tok.shape[0], 1), jnp.int32), write_first=write_first)
         return (out.cache, out.logits[:, 0], done, key), tok
 
     (cache, logits, done, key), toks = jax.lax.scan(step, (cache, logits, done, key), None, length=steps)
@@ -111,16 +104,6 @@ def _decode(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pa
 
 def _bucket(n: int, m: int) -> int:
     return max(m, -(-n // m) * m)
-
-
-def _left_pad(rows: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    toks = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, r in enumerate(rows):
-        if len(r):
-            toks[i, length - len(r):] = r
-            mask[i, length - len(r):] = True
-    return toks, mask
 
 
 def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
@@ -133,14 +116,6 @@ def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
             k += 1
         n = k
     return max(n, 0)
-
-
-@functools.partial(jax.jit, static_argnames=("batch",))
-def _tile_cache(cache: KVCache, batch: int) -> KVCache:
-    return KVCache(
-        k=tuple(jnp.repeat(k, batch, axis=0) for k in cache.k), v=tuple(jnp.repeat(v, batch, axis=0) for v in cache.v),
-        pos=jnp.repeat(cache.pos, batch, axis=0), index=cache.index,
-    )
 
 
 def stop_ids(model, tokenizer=None) -> list[int]:
@@ -161,61 +136,159 @@ def _eos_ids(model, eos) -> np.ndarray:
     return np.asarray(ids or [-1], np.int32)
 
 
-def generate(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop: StopRule | None = None,
-    key: jax.Array | None = None,
-    *,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    batch_size: int = 32,
-    chunk: int = 32,
-    share_prefix: bool = True,
-    min_shared_prefix: int = 8,
-    progress: bool = False,
-    on_batch: Callable[[list[int], list[list[int]]], None] | None = None,
-) -> list[list[int]]:
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How ``generate`` runs: everything but the prompts, the stop rule and the PRNG key."""
+
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    eos_token_id: int | Sequence[int] | None = None  # None: the model config's; [] = none
+    pad_token_id: int = 0
+    batch_size: int = 32
+    chunk: int = 32  # decode steps per compiled call
+    share_prefix: bool = True  # encode a context every prompt starts with once
+    min_shared_prefix: int = 8  # ... when it is at least this many tokens
+    write_first: bool = True  # decode steps write keys/values before attending (decode_chunk)
+    # send the next decode chunk before reading the last one's tokens, while no row has
+    # finished, so the device never waits for the host between chunks
+    ahead: bool = True
+
+    @classmethod
+    def of(cls, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, **options) -> "GenerationConfig":
+        """A config from ``generate``'s keyword arguments (the sampling ones flat)."""
+        return cls(max_new_tokens, Sampling(temperature, top_k, top_p), **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What every batch of one ``generate`` call shares. The cache layout of each batch:
+    [shared prefix | left-padded suffixes | new tokens]."""
+
+    cfg: ModelConfig
+    stacked: dict  # stacked weights: prefills run one scanned block
+    params: dict  # per-layer weights: the memory-bound decode steps (see unstack_layers)
+    dtype: object
+    eos: jax.Array
+    shared: int  # prefix length encoded once (0: none)
+    suffix_len: int
+    size: int  # cache slots
+    prefix: KVCache | None  # the shared prefix's one-row cache
+
+
+def _plan(model, prompts, config: GenerationConfig) -> _Plan:
+    cfg, stacked = model.config, model.params()
+    params = unstack_layers(stacked)
+    eos = jnp.asarray(_eos_ids(model, config.eos_token_id))
+    shared = common_prefix_len(prompts) if config.share_prefix and len(prompts) > 1 else 0
+    if shared < config.min_shared_prefix:
+        shared = 0
+    suffix_len = _bucket(max(len(p) - shared for p in prompts), 16)
+    size = _bucket(shared + suffix_len + config.max_new_tokens, 128)
+    prefix = None
+    if shared:
+        c = init_cache(cfg, 1, size, model.dtype)
+        _, prefix = prefill(cfg, stacked, jnp.asarray([prompts[0][:shared]], jnp.int32), jnp.ones((1, shared), bool), c)
+    return _Plan(cfg, stacked, params, model.dtype, eos, shared, suffix_len, size, prefix)
+
+
+def _launch(plan: _Plan, config: GenerationConfig, state, stopped: np.ndarray, sent: int):
+    """Send the next decode chunk: (its pending outputs, decode steps sent so far)."""
+    cache, logits, done, key = state
+    steps = min(config.chunk, config.max_new_tokens - sent)
+    if stopped.any():  # rows the stop rule ended
+        done = done | jnp.asarray(stopped)
+    out = decode_chunk(plan.cfg, plan.params, cache, logits, done, key, plan.eos, config.pad_token_id, steps,
+                       config.sampling, config.write_first)
+    return out, sent + steps
+
+
+def _check_stops(stop: StopRule, out: np.ndarray, stopped: np.ndarray, keep: list, n: int, eos: np.ndarray):
+    """Apply the stop rule to the first ``n`` rows not yet stopped (in place)."""
+    for r in range(n):
+        if not stopped[r]:
+            k = stop(_row(out[r], eos))
+            if k is not None:
+                stopped[r], keep[r] = True, k
+
+
+def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop: StopRule | None, n: int):
+    """Decode chunks until the first ``n`` rows have all finished or the budget is spent:
+    (tokens (rows, <= max_new_tokens), per row the stop rule's cut or None)."""
+    rows, eos = logits.shape[0], np.asarray(plan.eos)
+    out, stopped, keep = np.zeros((rows, 0), np.int32), np.zeros(rows, bool), [None] * rows
+    pending, sent = _launch(plan, config, (cache, logits, jnp.zeros((rows,), bool), key), stopped, 0)
+    any_done = False
+    while pending is not None:
+        *state, new = pending
+        pending = None
+        # while no row has finished, the next chunk is sent before this one's tokens are
+        # read (once rows finish, a chunk sent ahead could be wasted work: one at a time)
+        if config.ahead and not any_done and sent < config.max_new_tokens:
+            pending, sent = _launch(plan, config, state, stopped, sent)
+        out = np.concatenate([out, np.asarray(new)], axis=1)
+        done_host = np.asarray(state[2])
+        if stop is not None:
+            _check_stops(stop, out, stopped, keep, n, eos)
+        finished = done_host | stopped
+        any_done = bool(finished[:n].any())
+        if finished[:n].all():
+            break
+        if pending is None and sent < config.max_new_tokens:
+            pending, sent = _launch(plan, config, state, stopped, sent)
+    return out, keep
+
+
+def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bool, key, stop) -> list[list[int]]:
+    """One batch: prefill its suffixes on the shared prefix, decode, cut each row."""
+    rows = [p[plan.shared:] for p in prompts]
+    n = len(rows)
+    if pad_rows and n < config.batch_size:  # keep one compiled shape: pad rows
+        rows = rows + [rows[-1]] * (config.batch_size - n)
+    toks, mask = left_pad(rows, plan.suffix_len, config.pad_token_id)
+    cache = tile_cache(plan.prefix, len(rows)) if plan.shared else init_cache(plan.cfg, len(rows), plan.size, plan.dtype)
+    logits, cache = prefill(plan.cfg, plan.stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
+    out, keep = _decode_rows(plan, config, cache, logits, key, stop, n)
+    seqs = [_row(out[r], np.asarray(plan.eos)) for r in range(n)]
+    return [seq[:k] if k is not None else seq for seq, k in zip(seqs, keep)]
+
+
+def _check_request(prompts, config: GenerationConfig, key) -> None:
+    if any(len(p) == 0 for p in prompts):
+        raise CCAError("every prompt needs at least one token")
+    if config.max_new_tokens < 1:
+        raise CCAError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    if config.sampling.temperature > 0 and key is None:
+        raise CCAError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop: StopRule | None = None,
+             key: jax.Array | None = None, progress: bool = False,
+             on_batch: Callable[[list[int], list[list[int]]], None] | None = None, **options) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
+
+    ``options`` are ``GenerationConfig``'s fields (eos_token_id, pad_token_id, batch_size,
+    chunk, share_prefix, min_shared_prefix, write_first, ahead) and the sampling ones
+    (temperature (0 = greedy), top_k, top_p). See ``generate_with``."""
+    config = GenerationConfig.of(max_new_tokens, **options)
+    return generate_with(model, prompts, config, stop=stop, key=key, progress=progress, on_batch=on_batch)
+
+
+def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, stop: StopRule | None = None,
+                  key: jax.Array | None = None, progress: bool = False,
+                  on_batch: Callable[[list[int], list[list[int]]], None] | None = None) -> list[list[int]]:
+    """Generate for each prompt as ``config`` says.
 
     Rows end at an EOS token (kept, as transformers does), when ``stop`` says so (cut to
     what it keeps), or at ``max_new_tokens``. Sampling with a fixed ``key`` is reproducible
     for the same prompts and batch size. Returns the generated ids per prompt, in order.
     ``on_batch(indices, outputs)`` is called as each batch finishes (progress, scoring).
     """
-    sampling = Sampling(temperature, top_k, top_p)
     if not prompts:
         return []
-    if any(len(p) == 0 for p in prompts):
-        raise CCAError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise CCAError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if sampling.temperature > 0 and key is None:
-        raise CCAError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
+    _check_request(prompts, config, key)
     key = key if key is not None else jax.random.key(0)
-    # stacked weights for prefills (one scanned block), per-layer buffers for the
-    # memory-bound decode steps (see unstack_layers)
-    cfg, stacked = model.config, model.params()
-    params = unstack_layers(stacked)
-    dtype = model.dtype
-    eos = jnp.asarray(_eos_ids(model, eos_token_id))
-
-    shared = common_prefix_len(prompts) if share_prefix and len(prompts) > 1 else 0
-    if shared < min_shared_prefix:
-        shared = 0
-    # the cache layout every batch shares: [shared prefix | padded suffixes | new tokens]
-    suffix_len = _bucket(max(len(p) - shared for p in prompts), 16)
-    size = _bucket(shared + suffix_len + max_new_tokens, 128)
-    prefix_cache = None
-    if shared:
-        c = init_cache(cfg, 1, size, dtype)
-        _, prefix_cache = _prefill(cfg, stacked, jnp.asarray([prompts[0][:shared]], jnp.int32),
-                                   jnp.ones((1, shared), bool), c)
-
+    plan = _plan(model, prompts, config)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding per batch
     results: list[list[int] | None] = [None] * len(prompts)
     bar = None
@@ -223,60 +296,16 @@ def generate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="generate", unit="seq")
-    for b0 in range(0, len(order), batch_size):
-        idx = order[b0:b0 + batch_size]
-        rows = [prompts[i][shared:] for i in idx]
-        n = len(rows)
-        if n < batch_size and len(order) > batch_size:  # keep one compiled shape: pad rows
-            rows = rows + [rows[-1]] * (batch_size - n)
-        toks, mask = _left_pad(rows, suffix_len, pad_token_id)
-        cache = _tile_cache(prefix_cache, len(rows)) if shared else init_cache(cfg, len(rows), size, dtype)
-        logits, cache = _prefill(cfg, stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
-        out = np.zeros((len(rows), 0), np.int32)
-        stopped = np.zeros(len(rows), bool)
-        keep = [None] * len(rows)
+    for b0 in range(0, len(order), config.batch_size):
+        idx = order[b0:b0 + config.batch_size]
         key, batch_key = jax.random.split(key)
-        sent = 0  # decode steps dispatched so far
-
-        def launch(cache, logits, done, batch_key):
-            nonlocal sent
-            steps = min(chunk, max_new_tokens - sent)
-            sent += steps
-            if stopped.any():  # rows the stop rule ended
-                done = done | jnp.asarray(stopped)
-            return _decode(cfg, params, cache, logits, done, batch_key, eos, pad_token_id, steps, sampling)
-
-        pending = launch(cache, logits, jnp.zeros((len(rows),), bool), batch_key)
-        any_done = False
-        while pending is not None:
-            cache, logits, done, batch_key, new = pending
-            pending = None
-            # while no row has finished, the next chunk is sent before this one's tokens are
-            # read, so the device does not wait for the host between chunks (once rows
-            # finish, a chunk sent ahead could be wasted work: then one at a time)
-            if DECODE_AHEAD and not any_done and sent < max_new_tokens:
-                pending = launch(cache, logits, done, batch_key)
-            out = np.concatenate([out, np.asarray(new)], axis=1)
-            done_host = np.asarray(done)
-            if stop is not None:
-                for r in range(n):
-                    if not stopped[r]:
-                        k = stop(_row(out[r], np.asarray(eos)))
-                        if k is not None:
-                            stopped[r], keep[r] = True, k
-            finished = done_host | stopped
-            any_done = bool(finished[:n].any())
-            if finished[:n].all():
-                break
-            if pending is None and sent < max_new_tokens:
-                pending = launch(cache, logits, done, batch_key)
-        for r, i in enumerate(idx):
-            seq = _row(out[r], np.asarray(eos))
-            results[i] = list(seq[:keep[r]] if keep[r] is not None else seq)
+        outs = _generate_batch(plan, config, [prompts[i] for i in idx], len(order) > config.batch_size, batch_key, stop)
+        for i, seq in zip(idx, outs):
+            results[i] = seq
         if on_batch is not None:
-            on_batch(list(idx), [results[i] for i in idx])
+            on_batch(list(idx), outs)
         if bar is not None:
-            bar.update(n)
+            bar.update(len(idx))
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]

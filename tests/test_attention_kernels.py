@@ -19,8 +19,7 @@ from cca_jax import runconfig
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.generate import generate
-from cca_jax.model import attention_kernels
-from cca_jax.model import transformer as tr
+from cca_jax.model import attention, attention_kernels
 
 TOL = 1e-5
 
@@ -46,7 +45,7 @@ def _inputs(B=3, T=12, H=4, KV=2, Dh=16):
 def _xla(cfg, q, k, v, pos, kpos, sliding, blocks):
     B, T, H, Dh = q.shape
     qg = q.reshape(B, T, k.shape[2], H // k.shape[2], Dh)
-    return tr._attend_self(cfg, *tr._heads_major(qg, k, v), pos, kpos, sliding, blocks).reshape(q.shape)
+    return attention.attend_blocks(cfg, *attention.heads_major(qg, k, v), pos, kpos, sliding, blocks).reshape(q.shape)
 
 
 @pytest.mark.parametrize("sliding", [False, True])

@@ -96,24 +96,23 @@ def test_decode_ahead_same_tokens_and_at_most_one_extra_chunk(hf_dirs, monkeypat
     model, _ = cca_jax.load_model(d)
     prompts = prompt_batch(6, seed=6)
     calls = []
-    real = gen._decode
+    real = gen.decode_chunk
 
     def spy(*args, **kw):
         calls.append(args[8])  # steps
         return real(*args, **kw)
 
-    monkeypatch.setattr(gen, "_decode", spy)
+    monkeypatch.setattr(gen, "decode_chunk", spy)
     free = generate(model, prompts, 12, eos_token_id=[])
     eos = free[2][1]  # row 2 ends in the first chunk
     runs = {}
     for ahead in (False, True):
-        monkeypatch.setattr(gen, "DECODE_AHEAD", ahead)
         calls.clear()
-        plain = generate(model, prompts, 11, eos_token_id=[], chunk=3)
+        plain = generate(model, prompts, 11, eos_token_id=[], chunk=3, ahead=ahead)
         n_plain = list(calls)
         calls.clear()
         ended = generate(model, prompts, 12, eos_token_id=eos, stop=lambda ids: 6 if len(ids) >= 7 else None,
-                         chunk=2)
+                         chunk=2, ahead=ahead)
         runs[ahead] = (plain, ended, n_plain, list(calls))
     assert runs[True][:2] == runs[False][:2]
     assert runs[True][0] == [r[:11] for r in free]
@@ -168,3 +167,17 @@ def test_sampling_frequencies_follow_filtered_distribution():
     toks = np.asarray(next_token(jax.random.key(0), logits, s))
     freq = np.bincount(toks, minlength=4) / len(toks)
     np.testing.assert_allclose(freq, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0.0], atol=0.015)
+
+
+def test_generation_config_is_what_the_keywords_build(hf_dirs):
+    """generate's keywords build a GenerationConfig; generate_with takes one directly."""
+    from cca_jax.generate import GenerationConfig, generate_with
+
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    prompts = prompt_batch(3, seed=7)
+    config = GenerationConfig.of(5, eos_token_id=[], chunk=2, write_first=False)
+    assert config == GenerationConfig(5, Sampling(), eos_token_id=[], chunk=2, write_first=False)
+    got = generate_with(model, prompts, config)
+    assert got == generate(model, prompts, 5, eos_token_id=[], chunk=2)
+    assert all(len(r) == 5 for r in got)

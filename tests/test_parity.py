@@ -109,21 +109,22 @@ def test_logits_at_positions(hf_dirs):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_causal_query_blocks_match_transformers_and_one_block(hf_dirs, family, monkeypatch):
+def test_causal_query_blocks_match_transformers_and_one_block(hf_dirs, family):
     """Long calls run attention in causal query blocks (only keys up to each block's end):
     with blocks of 4 tokens a 16-token call has 4, and its logits and gradients equal the
     one-block computation and transformers', with left padding and a sliding window."""
     import jax
 
     from cca_jax.model import transformer as tr
+    from cca_jax.model.attention import causal_blocks
 
     hf, d = hf_dirs[family]
     model, _ = cca_jax.load_model(d)
     ids = tiny.tokens(2, 16, seed=5)
     mask = np.ones((2, 16), bool)
     mask[1, :5] = False  # left padding in the second row
-    monkeypatch.setattr(tr, "MIN_BLOCK", 4)
-    assert tr._causal_blocks(16) == 4
+    model = model.with_tuning(min_block=4)
+    assert causal_blocks(16, model.config.tuning) == 4
     ref = hf_logits(hf, ids, attention_mask=mask.astype(np.int64))
     got = np.asarray(model(jnp.asarray(ids), mask=jnp.asarray(mask)).logits)
     assert np.abs(got[mask] - ref[mask]).max() <= TOL
@@ -133,8 +134,8 @@ def test_causal_query_blocks_match_transformers_and_one_block(hf_dirs, family, m
         return jnp.sum(jnp.where(jnp.asarray(mask)[..., None], lg, 0.0) ** 2) / 1e3
 
     g4 = jax.grad(loss)(model.params())
-    monkeypatch.setattr(tr, "CAUSAL_BLOCKS", 1)
-    assert tr._causal_blocks(16) == 1
+    model = model.with_tuning(causal_blocks=1)
+    assert causal_blocks(16, model.config.tuning) == 1
     g1 = jax.grad(loss)(model.params())
     one = np.asarray(model(jnp.asarray(ids), mask=jnp.asarray(mask)).logits)
     assert np.abs(one[mask] - got[mask]).max() <= 1e-5
@@ -163,15 +164,13 @@ def test_per_layer_weights_match_stacked(hf_dirs):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_prefill_into_empty_cache_matches_the_general_write_path(hf_dirs, family, monkeypatch):
+def test_prefill_into_empty_cache_matches_the_general_write_path(hf_dirs, family):
     """A long call into an empty cache (init_cache) attends over its own tokens in causal
     query blocks and writes them after; the same cache flagged non-empty takes the general
     path over every slot. Both equal the full forward, and decoding goes on the same."""
-    from cca_jax.model import transformer as tr
-
     _, d = hf_dirs[family]
     model, _ = cca_jax.load_model(d)
-    monkeypatch.setattr(tr, "MIN_BLOCK", 4)
+    model = model.with_tuning(min_block=4)
     ids = tiny.tokens(2, 15, seed=4)
     mask = np.ones((2, 15), bool)
     mask[0, :3] = False  # left padding
@@ -252,3 +251,27 @@ def test_bfloat16_cached_calls_run_on_cpu(hf_dirs):
     for _ in range(3):
         seq.append(int(np.argmax(np.asarray(model(jnp.asarray([seq])).logits)[0, -1])))
     assert got == seq[8:]
+
+
+def test_tuning_is_static_runtime_config_never_saved(hf_dirs):
+    """Performance switches live in ModelConfig.tuning: part of every compiled program's
+    key (a changed value compiles anew instead of being ignored), never saved."""
+    import jax
+
+    from cca_jax.config import ModelConfig, Tuning
+    from cca_jax.errors import CCAError
+
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    cfg = model.config
+    assert cfg.tuning == Tuning() and "tuning" not in cfg.to_dict()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg.replace(attention="xla")
+    small = model.with_tuning(min_block=4)
+    assert small.config.tuning == Tuning(min_block=4) and small.config.replace(tuning=Tuning()) == cfg
+    f = jax.jit(lambda c, p, t: cca_jax.forward(c, p, t).logits, static_argnums=0)
+    ids = jnp.asarray(tiny.tokens(1, 16))
+    a, b = f(cfg, model.params(), ids), f(small.config, model.params(), ids)
+    assert f._cache_size() == 2  # one program per tuning
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+    with pytest.raises(CCAError, match="tuning must be a config.Tuning"):
+        cfg.replace(tuning={"min_block": 4})

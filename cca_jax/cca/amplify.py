@@ -23,6 +23,7 @@ import optax
 from cca_jax.cca import circuit, components
 from cca_jax.cca.examples import Batch, batches as make_batches
 from cca_jax import timing, validate
+from cca_jax.cca.objective import logit_diffs
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.transformer import forward, layer_list
@@ -92,9 +93,7 @@ def _loss_sum(params, cfg, batch_tokens, batch_mask, desired, undesired, remat):
     out = forward(cfg, params, batch_tokens, mask=batch_mask, at=jnp.full((B, 1), T - 1), remat=remat,
                   vocab=jnp.concatenate([desired, undesired]))
     lg = out.logits[:, 0]
-    d = jnp.take_along_axis(lg, jnp.arange(B)[:, None], axis=1)[:, 0]
-    u = jnp.take_along_axis(lg, B + jnp.arange(B)[:, None], axis=1)[:, 0]
-    return -jnp.sum(d - u)
+    return -jnp.sum(logit_diffs(lg, jnp.arange(B), jnp.arange(B, 2 * B)))
 
 
 def _per_layer(tree):

@@ -21,11 +21,13 @@ import optax
 from cca_jax import validate
 from cca_jax.cca import components
 from cca_jax.cca.examples import Batch, LocalizationExample, batches as make_batches
+from cca_jax.cca.objective import logit_diff
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
-from cca_jax.model.cache import init_cache
 from cca_jax.model.intervention import Intervention
-from cca_jax.model.transformer import forward, unstack_layers
+from cca_jax.model.params import unstack_layers
+from cca_jax.model.prefill import prefix_cache
+from cca_jax.model.transformer import forward
 
 MODES = ("reference", "fixed")
 
@@ -55,16 +57,6 @@ class DCMConfig:
             "early_stop": v.one_of(*MODES), "seed": v.SEED})
 
 
-def logit_diff(logits: jax.Array, desired: jax.Array, undesired: jax.Array, mode: str) -> jax.Array:
-    """Mean logit difference. reference: the original's ``logits[:, desired]`` (B, B) cross
-    product, i.e. the mean over all pairs (i, j) of logit[i, d_j] - logit[i, u_j]."""
-    if mode == "reference":
-        return jnp.mean(logits[:, desired] - logits[:, undesired])
-    d = jnp.take_along_axis(logits, desired[:, None], axis=1)[:, 0]
-    u = jnp.take_along_axis(logits, undesired[:, None], axis=1)[:, 0]
-    return jnp.mean(d - u)
-
-
 def _scale_iv(m: dict, where: jax.Array) -> Intervention:
     return Intervention(where=where, scale={k: 2.0 * v for k, v in m.items()})
 
@@ -79,16 +71,6 @@ def loss_full(cfg: ModelConfig, params, m: dict, batch: Batch, reg: float, mode:
     lg = out.logits[:, 0]
     l1 = sum(jnp.sum(jnp.abs(v)) for v in m.values())
     return -logit_diff(lg, jnp.asarray(batch.desired), jnp.asarray(batch.undesired), mode) + reg * l1
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def prefix_cache(cfg: ModelConfig, params, tokens, mask):
-    """Keys/values of every position but the last (computed once per batch)."""
-    B, T = tokens.shape
-    cache = init_cache(cfg, B, T, params["embed"].dtype)
-    out = forward(cfg, params, tokens[:, :-1], mask=mask[:, :-1], cache=cache,
-                  at=jnp.zeros((B, 1), jnp.int32))
-    return out.cache
 
 
 def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, undesired, reg, mode):

@@ -21,19 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from cca_jax.cca import components
+from cca_jax.cca.objective import logit_diff
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.intervention import Intervention
-from cca_jax.model.transformer import forward, unstack_layers
+from cca_jax.model.params import unstack_layers
+from cca_jax.model.prefill import prefix_cache
+from cca_jax.model.transformer import forward
 
 MODES = ("zero", "mean", "counterfactual")
 TYPES = components.TYPES
-
-
-def _ld(logits, desired, undesired):
-    d = jnp.take_along_axis(logits, desired[:, None], axis=1)[:, 0]
-    u = jnp.take_along_axis(logits, undesired[:, None], axis=1)[:, 0]
-    return jnp.mean(d - u)
 
 
 def _last(cfg, params, cache, last, iv=None, collect=False):
@@ -78,11 +75,9 @@ def _patch_chunk(cfg, params, cache, last, desired, undesired, values, idx):
     def one(i):
         iv = Intervention(where=jnp.ones((last.shape[0], 1), bool), replace=values,
                           replace_mask=_one_hot(cfg, i))
-        return _ld(_last(cfg, params, cache, last, iv).logits[:, 0], desired, undesired)
+        return logit_diff(_last(cfg, params, cache, last, iv).logits[:, 0], desired, undesired)
 
     return jax.vmap(one)(idx)
-
-
 
 
 def patching_effects(cfg: ModelConfig, params, cache, last_tokens, desired, undesired, values: dict,
@@ -91,7 +86,7 @@ def patching_effects(cfg: ModelConfig, params, cache, last_tokens, desired, unde
 
     indices: patch only these flat component indices (q, k, v, mlp order, row-major);
     the others come back as NaN."""
-    clean = float(_ld(_last(cfg, params, cache, last_tokens).logits[:, 0], desired, undesired))
+    clean = float(logit_diff(_last(cfg, params, cache, last_tokens).logits[:, 0], desired, undesired))
     shapes, off = _offsets(cfg)
     n_all = int(off[-1])
     order = np.arange(n_all) if indices is None else np.asarray(indices)
@@ -121,8 +116,8 @@ def _patch_one(cfg, params, cache, last, desired, undesired, values, kind, layer
     masks = {t: jnp.zeros(s, bool) for t, s in components.shapes(cfg).items()}
     masks[kind] = masks[kind].at[layer, unit].set(True)
     iv = Intervention(where=jnp.ones((last.shape[0], 1), bool), replace=values, replace_mask=masks)
-    patched = _ld(_last(cfg, params, cache, last, iv).logits[:, 0], desired, undesired)
-    return patched - _ld(_last(cfg, params, cache, last).logits[:, 0], desired, undesired)
+    patched = logit_diff(_last(cfg, params, cache, last, iv).logits[:, 0], desired, undesired)
+    return patched - logit_diff(_last(cfg, params, cache, last).logits[:, 0], desired, undesired)
 
 
 def patch_one(cfg: ModelConfig, params, cache, last_tokens, desired, undesired, values: dict,
@@ -139,7 +134,7 @@ def attribution_effects(cfg: ModelConfig, params, cache, last_tokens, desired, u
 
     def ld_of(add):
         iv = Intervention(where=jnp.ones((last_tokens.shape[0], 1), bool), add=add)
-        return _ld(_last(cfg, params, cache, last_tokens, iv).logits[:, 0], desired, undesired)
+        return logit_diff(_last(cfg, params, cache, last_tokens, iv).logits[:, 0], desired, undesired)
 
     grads = jax.grad(ld_of)({k: jnp.zeros_like(v) for k, v in clean.items()})
     out = {}
@@ -179,7 +174,6 @@ def effects_over_examples(model, examples, method: str, mode: str = "mean", batc
 
     method: "patching" (vmapped, exact) or "attribution" (first-order estimate).
     Counterfactual values are another example's activations in the same batch."""
-    from cca_jax.cca.dcm import prefix_cache
     from cca_jax.cca.examples import batches
 
     if method not in ("patching", "attribution"):

@@ -21,8 +21,9 @@ import numpy as np
 
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
-from cca_jax.generate import _left_pad, _prefill, _tile_cache, common_prefix_len
-from cca_jax.model.cache import init_cache
+from cca_jax.generate import common_prefix_len
+from cca_jax.model.cache import init_cache, tile_cache
+from cca_jax.model.prefill import left_pad, prefill
 from cca_jax.model.transformer import forward
 
 Pair = tuple[Sequence[int], Sequence[int]]
@@ -77,6 +78,51 @@ def shared_prefix(sequences: Sequence[Sequence[int]], min_len: int = 8) -> int:
     return n if n >= min_len else 0
 
 
+def _rows(pairs):
+    """One row per distinct input (context + continuation[:-1]): (rows, per row its
+    (position, target) read-outs, per pair (row, first read-out, how many))."""
+    rows: list[list[int]] = []
+    row_of: dict[tuple, int] = {}
+    entries: list[list[tuple[int, int]]] = []
+    where: list[tuple[int, int, int]] = []
+    for c, x in pairs:
+        row = c + x[:-1]
+        r = row_of.setdefault(tuple(row), len(rows))
+        if r == len(rows):
+            rows.append(row)
+            entries.append([])
+        where.append((r, len(entries[r]), len(x)))
+        entries[r].extend((len(c) - 1 + j, t) for j, t in enumerate(x))
+    return rows, entries, where
+
+
+def _prefix_cache(model, params, prefix, size, pad_token_id):
+    """The shared prefix's one-row cache (right-padded: padding slots hold position -1)."""
+    cfg, dtype = model.config, model.dtype
+    prefix_len = bucket(len(prefix))
+    toks = np.full((1, prefix_len), pad_token_id, np.int32)
+    toks[0, : len(prefix)] = prefix
+    mask = np.zeros((1, prefix_len), bool)
+    mask[0, : len(prefix)] = True
+    return prefill(cfg, params, jnp.asarray(toks), jnp.asarray(mask), init_cache(cfg, 1, size, dtype))[1]
+
+
+def _batch_arrays(rows, entries, idx, b, pad_token_id):
+    """A batch of ``b`` rows (the last repeated) left-padded: tokens, mask, read-out
+    positions and their targets."""
+    batch = [rows[r] for r in idx] + [rows[idx[-1]]] * (b - len(idx))
+    T = bucket(max(len(x) for x in batch))
+    P = _pow2(max(len(entries[r]) for r in idx))
+    toks, mask = left_pad(batch, T, pad_token_id)
+    at = np.zeros((b, P), np.int32)
+    tgt = np.zeros((b, P), np.int32)
+    for i, r in enumerate(idx):
+        off = T - len(rows[r])
+        for j, (p, t) in enumerate(entries[r]):
+            at[i, j], tgt[i, j] = off + p, t
+    return toks, mask, at, tgt
+
+
 def continuation_logprobs(
     model,
     prefix_ids: Sequence[int],
@@ -109,63 +155,24 @@ def continuation_logprobs(
             raise CCAError("a continuation needs a context or prefix token before it")
         # the prefix's last token goes back into every row: its logits score the first token
         prefix, pairs = prefix[:-1], [([prefix[-1], *c], x) for c, x in pairs]
-
-    # one row per distinct input (context + continuation[:-1]); the pair's entries are the
-    # (position, target) read-outs in that row
-    rows: list[list[int]] = []
-    row_of: dict[tuple, int] = {}
-    entries: list[list[tuple[int, int]]] = []
-    where: list[tuple[int, int, int]] = []  # pair -> (row, first entry, n entries)
-    for c, x in pairs:
-        row = c + x[:-1]
-        r = row_of.setdefault(tuple(row), len(rows))
-        if r == len(rows):
-            rows.append(row)
-            entries.append([])
-        where.append((r, len(entries[r]), len(x)))
-        entries[r].extend((len(c) - 1 + j, t) for j, t in enumerate(x))
-
-    cfg, params, dtype = model.config, model.params(), model.dtype
+    rows, entries, where = _rows(pairs)
+    params = model.params()
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    prefix_len = bucket(len(prefix)) if prefix else 0
-    size = bucket(prefix_len + bucket(len(rows[order[0]])), 128) if prefix else 0
+    size = bucket(bucket(len(prefix)) + bucket(len(rows[order[0]])), 128) if prefix else 0
     # rows per batch: batch_size, fewer when the cache is long (memory), a power of two
     # when there are fewer rows than that (one compiled shape per size)
     b = min(batch_size, max(1, max_slots // max(size, bucket(len(rows[order[0]])))))
     b = b if len(rows) > b else _pow2(len(rows))
-    prefix_cache = None
-    if prefix:
-        toks = np.full((1, prefix_len), pad_token_id, np.int32)
-        toks[0, : len(prefix)] = prefix  # right-padded: padding slots hold position -1
-        mask = np.zeros((1, prefix_len), bool)
-        mask[0, : len(prefix)] = True
-        _, prefix_cache = _prefill(cfg, params, jnp.asarray(toks), jnp.asarray(mask),
-                                   init_cache(cfg, 1, size, dtype))
-
-    bar, own_bar = None, False
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar, own_bar = tqdm(total=len(pairs), desc=desc, unit="req"), True
-    elif progress:
-        bar = progress
+    prefix_cache = _prefix_cache(model, params, prefix, size, pad_token_id) if prefix else None
+    bar, own_bar = (_tqdm_bar(len(pairs), desc), True) if progress is True else (progress or None, False)
     pairs_of_row = np.bincount([w[0] for w in where], minlength=len(rows))
     row_lp: list[np.ndarray | None] = [None] * len(rows)
     row_greedy: list[np.ndarray | None] = [None] * len(rows)
     for b0 in range(0, len(order), b):
         idx = order[b0:b0 + b]
-        batch = [rows[r] for r in idx] + [rows[idx[-1]]] * (b - len(idx))
-        T = bucket(max(len(x) for x in batch))
-        P = _pow2(max(len(entries[r]) for r in idx))
-        toks, mask = _left_pad(batch, T, pad_token_id)
-        at = np.zeros((b, P), np.int32)
-        tgt = np.zeros((b, P), np.int32)
-        for i, r in enumerate(idx):
-            off = T - len(rows[r])
-            for j, (p, t) in enumerate(entries[r]):
-                at[i, j], tgt[i, j] = off + p, t
-        cache = _tile_cache(prefix_cache, b) if prefix_cache is not None else None
-        lp, greedy = _score(cfg, params, jnp.asarray(toks), jnp.asarray(mask), cache,
+        toks, mask, at, tgt = _batch_arrays(rows, entries, idx, b, pad_token_id)
+        cache = tile_cache(prefix_cache, b) if prefix_cache is not None else None
+        lp, greedy = _score(model.config, params, jnp.asarray(toks), jnp.asarray(mask), cache,
                             jnp.asarray(at), jnp.asarray(tgt))
         lp, greedy = np.asarray(lp), np.asarray(greedy)
         for i, r in enumerate(idx):
@@ -178,6 +185,12 @@ def continuation_logprobs(
     if with_greedy:
         return out, [bool(row_greedy[r][s:s + n].all()) for r, s, n in where]
     return out
+
+
+def _tqdm_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req")
 
 
 def loglikelihoods(

@@ -12,9 +12,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from cca_jax.errors import CCAError
+from cca_jax.model.attention import scores_mask
 
 
-def _tokamax():
+def import_tokamax():
+    """The tokamax module, or a one-line CCAError saying how to install it."""
     try:
         import tokamax
     except ImportError as e:
@@ -41,11 +43,9 @@ def attend_self(cfg, q, k, v, q_pos, k_pos, sliding, index_causal: bool, impleme
     diagonal: exact when a later token never has an earlier position (default positions);
     otherwise the position mask alone decides. dense_mask=False (benchmarks only) drops
     the padding/window mask."""
-    from cca_jax.model.transformer import _scores_mask
-
-    tokamax = _tokamax()
+    tokamax = import_tokamax()
     T = q.shape[1]
-    mask = _scores_mask(q_pos, k_pos, sliding, cfg)  # (B, T, S)
+    mask = scores_mask(q_pos, k_pos, sliding, cfg)  # (B, T, S)
     seen = mask.any(-1)  # (B, T)
     # a query that sees no key (left padding) attends to itself instead, so that no row of
     # the kernel's softmax is empty (0/0); its output is zeroed below

@@ -53,3 +53,12 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KV
         index=jnp.zeros((), jnp.int32),
         empty=True,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("batch",))
+def tile_cache(cache: KVCache, batch: int) -> KVCache:
+    """Each row of ``cache`` repeated ``batch`` times (a one-row shared prefix for a batch)."""
+    return KVCache(
+        k=tuple(jnp.repeat(k, batch, axis=0) for k in cache.k), v=tuple(jnp.repeat(v, batch, axis=0) for v in cache.v),
+        pos=jnp.repeat(cache.pos, batch, axis=0), index=cache.index,
+    )
