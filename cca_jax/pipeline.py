@@ -117,6 +117,9 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
         faith = _faithfulness(r, circ_key, examples, mask)
         trained = _amplify(r, circ_key, examples, mask, base, on_step)
         trained.summary.update(localization=loc_stats, faithfulness=faith)
+        size = (stages.read_json(r.stages.root / "circuit" / "history.json") or {}).get("size_search")
+        if size:
+            trained.summary["dcm_size_search"] = size
     else:
         trained = _finetune(r, base_key, base, selected, on_step)
     test_key, test_after = _test(r, trained)
@@ -280,12 +283,17 @@ def _find_circuit(r: _Run, d: Path, examples) -> None:
     """mask.npz (and the localizer's own outputs) into ``d``."""
     cfg = r.config
     if cfg.localize == "dcm":
-        from cca_jax.cca import dcm
+        from cca_jax.cca import dcm, dcm_size
 
-        res = dcm.train_mask(r.model, examples, cfg.dcm, pad_token_id=r.pad, progress=r.progress)
+        size = None
+        if cfg.dcm.target_fraction is None:
+            res = dcm.train_mask(r.model, examples, cfg.dcm, pad_token_id=r.pad, progress=r.progress)
+        else:
+            res, size = dcm_size.train_mask_of_size(r.model, examples, cfg.dcm, r.pad, r.progress, r.log)
         components.save(res.mask, d / "mask.npz")
         components.save(res.m, d / "m.npz")
-        atomic.write_json(d / "history.json", {"history": res.history, "stopped_early": res.stopped_early})
+        atomic.write_json(d / "history.json", {"history": res.history, "stopped_early": res.stopped_early,
+                                               **({"size_search": size} if size else {})})
     elif cfg.localize in ("patching", "attribution"):
         from cca_jax.cca import patching
 

@@ -159,3 +159,28 @@ def jax_np(x):
     import jax.numpy as jnp
 
     return jnp.asarray(x)
+
+
+def test_dcm_target_fraction_searches_reg(dcm_run):
+    """dcm.target_fraction: bisection of reg (one DCM run per probe) toward the target;
+    a stronger reg keeps fewer components; the closest run is the circuit."""
+    import cca_jax
+    from cca_jax.cca import dcm, dcm_size
+    from cca_jax.cca import examples as ex_lib
+
+    cfg, d, _ = dcm_run
+    model, _ = cca_jax.load_model(cfg.model)
+    exs = ex_lib.load(d / "stages" / "localize" / "examples.jsonl")
+    c = runconfig.load(CONFIG, ["dcm.target_fraction=0.3", "dcm.epochs=8", "dcm.target_max_runs=6"]).dcm
+    logs = []
+    res, hist = dcm_size.train_mask_of_size(model, exs, c, progress=False, log=logs.append)
+    runs = hist["runs"]
+    assert 1 <= len(runs) <= 6 and len(logs) == len(runs)
+    total = components.total(model.config)
+    assert hist["fraction"] == components.count(res.mask) / total
+    assert abs(hist["fraction"] - 0.3) == min(abs(r["fraction"] - 0.3) for r in runs)
+    by_reg = sorted(runs, key=lambda r: r["reg"])
+    assert by_reg[0]["fraction"] >= by_reg[-1]["fraction"]  # more L1, fewer components
+    assert abs(hist["fraction"] - 0.3) < abs(runs[0]["fraction"] - 0.3) or len(runs) == 1
+    with pytest.raises(Exception, match="target_fraction"):
+        dcm.DCMConfig(target_fraction=1.5)

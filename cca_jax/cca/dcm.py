@@ -48,13 +48,20 @@ class DCMConfig:
     # keeps nearly everything. fixed: stop once the count is unchanged for a whole epoch.
     early_stop: str = "fixed"
     seed: int = 0
+    # a circuit of about this fraction of components: reg is searched by bisection (in log
+    # space, one DCM run per probe) until the kept fraction is within target_tolerance
+    # (relative) of it, or target_max_runs runs; the closest run's mask is the circuit
+    target_fraction: float | None = None
+    target_tolerance: float = 0.2
+    target_max_runs: int = 8
 
     def __post_init__(self):
         v = validate
         v.check_fields(self, "dcm", {
             "reg": v.at_least(0), "batch_size": v.COUNT, "epochs": v.COUNT, "lr": v.above(0),
             "lr_decay": (v.above(0), v.at_most(1)), "decay_every_epochs": v.COUNT, "mode": v.one_of(*MODES),
-            "early_stop": v.one_of(*MODES), "seed": v.SEED})
+            "early_stop": v.one_of(*MODES), "seed": v.SEED, "target_fraction": (v.above(0), v.below(1)),
+            "target_tolerance": v.above(0), "target_max_runs": v.COUNT})
 
 
 def _scale_iv(m: dict, where: jax.Array) -> Intervention:
