@@ -120,3 +120,24 @@ def test_loss_is_the_mean_logit_difference_of_the_full_forward(model):
     rows = np.arange(len(exs))
     want = -np.mean(lg[rows, b.desired] - lg[rows, b.undesired])
     assert abs(want) > 1e-3 and abs(loss - want) <= 1e-5 * max(1.0, abs(want))
+
+
+def test_bias_updates_are_an_option(model):
+    """(c) the original updates projection weights only: amplify.biases false leaves
+    Qwen2's q/k/v biases alone while the circuit's weight rows move; true (the default)
+    moves the circuit's bias rows too."""
+    cfg, params = model.config, model.params()
+    exs = examples(6)
+    moved = {}
+    for biases in (False, True):
+        acfg = amp.AmplifyConfig(lr=1e-2, biases=biases)
+        opt = amp.make_optimizer(acfg, small_mask(cfg), params)
+        master, opt_state, frozen = amp.init_state(params, opt)
+        _, grad = amp.full_batch_grad(cfg, master, frozen, batches(exs, 6, 0), len(exs))
+        new = amp.working_params(amp.step_fn(opt)(master, opt_state, grad)[0], frozen, jnp.float32)
+        a0, a1 = params["layers"]["attn"], new["layers"]["attn"]
+        moved[biases] = (float(np.abs(np.asarray(a1["q_bias"] - a0["q_bias"])).max()),
+                         float(np.abs(np.asarray(a1["q"] - a0["q"])).max()))
+    assert moved[False][0] == 0.0 and moved[False][1] > 0
+    assert moved[True][0] > 0 and moved[True][1] > 0
+    assert amp.AmplifyConfig().biases is True

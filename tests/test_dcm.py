@@ -98,3 +98,49 @@ def test_mask_save_load_npz(tmp_path):
     back = components.load(p)
     assert components.count(back) == components.total(cfg)
     components.check(back, cfg)
+
+
+# -- fidelity to the original release (SPEC 3; issue 22, points a, b and d) -----------------
+
+def test_reference_l1_has_zero_gradient_at_zero():
+    """(b) torch.norm(m, p=1) has gradient 0 at m = 0 (the original); JAX's |m| has 1."""
+    m = {"q": jnp.asarray([[0.0, 0.5, 1.0]])}
+    g_ref = jax.grad(lambda m: dcm.l1(m, "reference"))(m)["q"]
+    g_fix = jax.grad(lambda m: dcm.l1(m, "fixed"))(m)["q"]
+    np.testing.assert_array_equal(np.asarray(g_ref), [[0.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(np.asarray(g_fix), [[1.0, 1.0, 1.0]])
+    assert float(dcm.l1(m, "reference")) == float(dcm.l1(m, "fixed")) == 1.5
+
+
+@pytest.mark.parametrize("mode", ["reference", "fixed"])
+def test_reference_regroups_examples_into_new_batches_every_epoch(hf_dirs, monkeypatch, mode):
+    """(a) the original builds a new shuffled loader each epoch (seed + epoch): new
+    batches; fixed draws the batches once and only reorders them."""
+    model, _ = cca_jax.load_model(hf_dirs["llama"][1])
+    seeds, real = [], dcm.make_batches
+
+    def spy(exs, batch_size, seed, pad=0, **kw):
+        seeds.append(seed)
+        return real(exs, batch_size, seed, pad, **kw)
+
+    monkeypatch.setattr(dcm, "make_batches", spy)
+    cfg = dcm.DCMConfig(epochs=3, batch_size=4, seed=7, mode=mode, early_stop="fixed", reg=0.0)
+    res = dcm.train_mask(model, examples(12), cfg, progress=False)
+    assert len(res.history) == 9  # reg 0: nothing pruned, no early stop
+    assert seeds == ([7, 8, 9] if mode == "reference" else [7])
+
+
+def test_olmo2_key_heads_are_masked_before_k_norm_in_float32(hf_dirs):
+    """(d) the original writes OLMo-2's k outputs after k_norm has run, so in float32 its
+    backward fails and in float16 K heads >= 1 are never masked. Ours masks the raw k
+    projection of every KV head: masking head 1 changes the output, and its mask has a
+    gradient, in float32."""
+    model, _ = cca_jax.load_model(hf_dirs["olmo2"][1], dtype="float32")
+    cfg, params = model.config, model.params()
+    b = make_batch(examples(4), length=12)
+    m = components.full(cfg, 0.5)  # the identity
+    base = dcm.loss_full(cfg, params, m, b, 0.0, "fixed")
+    m1 = {**m, "k": m["k"].at[:, 1].set(0.0)}
+    assert abs(float(dcm.loss_full(cfg, params, m1, b, 0.0, "fixed")) - float(base)) > 1e-4
+    g = jax.grad(lambda mm: dcm.loss_full(cfg, params, mm, b, 0.0, "fixed"))(m)
+    assert float(jnp.abs(g["k"][:, 1]).max()) > 0 and np.isfinite(np.asarray(g["k"])).all()

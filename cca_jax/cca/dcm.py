@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cca_jax import validate
+from cca_jax import timing, validate
 from cca_jax.cca import components
 from cca_jax.cca.examples import Batch, LocalizationExample, batches as make_batches
 from cca_jax.cca.objective import logit_diff
@@ -68,6 +68,14 @@ def _scale_iv(m: dict, where: jax.Array) -> Intervention:
     return Intervention(where=where, scale={k: 2.0 * v for k, v in m.items()})
 
 
+def l1(m: dict, mode: str) -> jax.Array:
+    """sum |m|. reference: the original's ``torch.norm(m, p=1)``, whose gradient at m = 0 is
+    0; JAX's |x| has gradient 1 there (m is clamped to [0, 1], so only m = 0 differs)."""
+    if mode == "reference":
+        return sum(jnp.sum(v * jax.lax.stop_gradient(jnp.sign(v))) for v in m.values())
+    return sum(jnp.sum(jnp.abs(v)) for v in m.values())
+
+
 def loss_full(cfg: ModelConfig, params, m: dict, batch: Batch, reg: float, mode: str) -> jax.Array:
     """The DCM loss with a plain full forward over the whole prefix (the reference path)."""
     B, T = batch.tokens.shape
@@ -76,8 +84,7 @@ def loss_full(cfg: ModelConfig, params, m: dict, batch: Batch, reg: float, mode:
                   at=jnp.full((B, 1), T - 1), intervention=_scale_iv(m, where),
                   final_softcap=(mode == "fixed"))
     lg = out.logits[:, 0]
-    l1 = sum(jnp.sum(jnp.abs(v)) for v in m.values())
-    return -logit_diff(lg, jnp.asarray(batch.desired), jnp.asarray(batch.undesired), mode) + reg * l1
+    return -logit_diff(lg, jnp.asarray(batch.desired), jnp.asarray(batch.undesired), mode) + reg * l1(m, mode)
 
 
 def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, undesired, reg, mode):
@@ -88,8 +95,7 @@ def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, 
     out = forward(cfg, params, last_tokens[:, None], cache=cache, at=jnp.zeros((B, 1), jnp.int32),
                   intervention=_scale_iv(m, jnp.ones((B, 1), bool)), final_softcap=(mode == "fixed"), vocab=ids)
     lg = out.logits[:, 0]
-    l1 = sum(jnp.sum(jnp.abs(v)) for v in m.values())
-    return -logit_diff(lg, jnp.arange(B), jnp.arange(B, 2 * B), mode) + reg * l1
+    return -logit_diff(lg, jnp.arange(B), jnp.arange(B, 2 * B), mode) + reg * l1(m, mode)
 
 
 def make_optimizer(config: DCMConfig, batches_per_epoch: int) -> optax.GradientTransformation:
@@ -99,7 +105,7 @@ def make_optimizer(config: DCMConfig, batches_per_epoch: int) -> optax.GradientT
     return optax.adam(schedule)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opt", "reg", "mode"), donate_argnames=("m", "state"))
+@functools.partial(jax.jit, static_argnames=("cfg", "opt", "mode"), donate_argnames=("m", "state"))
 def mask_step(cfg: ModelConfig, opt, reg: float, mode: str, params, m: dict, state, cache, last, desired,
               undesired):
     """One DCM step on a cached batch: Adam on the mask, clamp to [0, 1]. Returns
@@ -130,6 +136,10 @@ def patience_for(batches_per_epoch: int, early_stop: str = "reference") -> int:
     return int(0.2 * batches_per_epoch)
 
 
+def _prefix_caches(cfg, params, bs):
+    return [prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
+
+
 def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig, pad_token_id: int = 0,
                progress: bool = True) -> DCMResult:
     """Learn the DCM mask on ``examples``. Early stop (SPEC 3, reference): the kept count
@@ -138,16 +148,20 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     if not examples:
         raise CCAError("DCM needs at least one localization example")
     cfg = model.config
+    # reference: a new shuffled loader every epoch (seed + epoch) regroups the examples
+    # into new batches; fixed: batches drawn once, their order shuffled every epoch
+    regroup = config.mode == "reference"
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
-    caches = [prefix_cache(cfg, model.params(), jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
+    caches = _prefix_caches(cfg, model.params(), bs)
     params = unstack_layers(model.params())  # per-layer buffers for the steps: see unstack_layers
     n_b = len(bs)
     opt = make_optimizer(config, n_b)
     m = components.full(cfg, 1.0)
     state = opt.init(m)
+    reg = jnp.float32(config.reg)
 
     def step(m, state, cache, last, desired, undesired):
-        return mask_step(cfg, opt, config.reg, config.mode, params, m, state, cache, last, desired, undesired)
+        return mask_step(cfg, opt, reg, config.mode, params, m, state, cache, last, desired, undesired)
 
     total = components.total(cfg)
     patience = patience_for(n_b, config.early_stop)
@@ -163,10 +177,14 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     for epoch in range(config.epochs):
         if config.early_stop == "reference":
             same = 0
-        for bi in rng.permutation(n_b):
+        if regroup and epoch > 0:
+            bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id)
+            caches = _prefix_caches(cfg, model.params(), bs)
+        for bi in (range(n_b) if regroup else rng.permutation(n_b)):
             b = bs[bi]
             m, state, loss, kept = step(m, state, caches[bi], jnp.asarray(b.tokens[:, -1]),
                                         jnp.asarray(b.desired), jnp.asarray(b.undesired))
+            loss, kept = timing.fetch((loss, kept))
             kept = int(kept)
             history.append({"epoch": epoch, "step": len(history), "loss": float(loss), "kept": kept})
             if bar is not None:
