@@ -106,7 +106,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-def _ids(text: str | None) -> list[int] | None:
+def _ids(text: str | None, option: str = "--templates") -> list[int] | None:
     if text is None:
         return None
     try:
@@ -114,7 +114,7 @@ def _ids(text: str | None) -> list[int] | None:
     except ValueError:
         from cca_jax.errors import CCAError
 
-        raise CCAError(f"--templates takes comma-separated template ids, got {text!r}") from None
+        raise CCAError(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
 def cmd_eval(args) -> int:
@@ -195,6 +195,21 @@ def cmd_lm_eval(args) -> int:
     from cca_jax import lm_eval_adapter
 
     return lm_eval_adapter.cli(args.args)
+
+
+def cmd_sweep(args) -> int:
+    from cca_jax import runconfig, sweep
+
+    seeds = _ids(args.seeds, "--seeds")
+    if not seeds or min(seeds) < 0:
+        from cca_jax.errors import CCAError
+
+        raise CCAError(f"--seeds takes comma-separated seeds >= 0, got {args.seeds!r}")
+    runconfig.load(args.config, args.set)  # the base config, checked first
+    agg = sweep.run(args.config, seeds, sweep.parse_vary(args.vary), args.out, args.set, progress=not args.quiet)
+    print(sweep.markdown(agg))
+    print(f"wrote {args.out}/sweep.md, sweep.json, sweep.png")
+    return 0
 
 
 def cmd_compare(args) -> int:
@@ -342,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", help="finished run directories (cca, sft_full, sft_lora)")
     s.add_argument("--out", default="runs/compare-methods", help="where compare.md/.json/.png go")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("sweep", help="a config over several seeds and variants (e.g. DCM vs random circuits): "
+                       "mean gains with intervals and paired tests")
+    s.add_argument("config", help="a run config")
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (pivots, DCM, random circuit, SFT)")
+    s.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values, e.g. localize=dcm,random or method=cca,sft_full (repeatable: "
+                        "every combination runs)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.add_argument("--out", default="runs/sweep", help="sweep directory: one run directory per variant and seed")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("run", help="run CCA end to end from a YAML config (resumes if interrupted)")
     s.add_argument("config", help="a run config: a packaged one by name (tiny, gemma-2-2b-it; see cca-jax configs) "

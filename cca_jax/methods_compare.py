@@ -156,10 +156,54 @@ def plot(t: dict, path: Path) -> Path:
     return atomic.save_figure(fig, path, dpi=120)
 
 
+def _test_records(run_dir: str | Path) -> list[dict] | None:
+    f = Path(run_dir) / "stages" / "test" / "test.jsonl"
+    if not f.is_file():
+        return None
+    try:
+        return [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise CCAError(f"{f}: unreadable test records: rerun `cca-jax run` on {run_dir}") from None
+
+
+def paired_tests(run_dirs: list[str]) -> list[dict]:
+    """For every two runs scored on the same test items: B's test accuracy minus A's, with a
+    paired-bootstrap interval and p-value and the exact McNemar test."""
+    from cca_jax.evaluate import paired
+
+    recs = {d: _test_records(d) for d in run_dirs}
+    out = []
+    for i, a in enumerate(run_dirs):
+        for b in run_dirs[i + 1:]:
+            if recs[a] is None or recs[b] is None:
+                continue
+            try:
+                res = paired.compare(recs[a], recs[b])
+            except CCAError:  # no common items: not comparable item by item
+                continue
+            out.append({"a": str(a), "b": str(b), **res})
+    return out
+
+
+def paired_markdown(pairs: list[dict]) -> str:
+    if not pairs:
+        return ""
+    lines = ["", "Paired on the same test items (B - A; 95% paired bootstrap; exact McNemar on the items only one "
+             "got right):", "", "| A | B | items | B - A | 95% CI | p (bootstrap) | only A / only B | p (McNemar) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        m = p["mcnemar"]
+        lines.append(f"| {Path(p['a']).name} | {Path(p['b']).name} | {p['n_items']} | {p['delta']:+.3f} | "
+                     f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] | {p['p_value']:.3g} | {m['a_only']} / {m['b_only']} | "
+                     f"{m['p_value']:.3g} |")
+    return "\n".join(lines)
+
+
 def write(run_dirs: list[str], out_dir: str | Path) -> tuple[dict, str]:
     t = table(run_dirs)
+    t["paired"] = paired_tests(run_dirs)
     out = Path(out_dir)
-    md = markdown(t)
+    md = markdown(t) + paired_markdown(t["paired"])
     atomic.write_json(out / "compare.json", t)
     atomic.write_text(out / "compare.md", md + "\n")
     try:

@@ -114,8 +114,9 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     if config.method == "cca":
         loc_key, examples, loc_stats = _localize(r, base_key, base, selected)
         circ_key, mask = _circuit(r, loc_key, examples)
+        faith = _faithfulness(r, circ_key, examples, mask)
         trained = _amplify(r, circ_key, examples, mask, base, on_step)
-        trained.summary["localization"] = loc_stats
+        trained.summary.update(localization=loc_stats, faithfulness=faith)
     else:
         trained = _finetune(r, base_key, base, selected, on_step)
     test_key, test_after = _test(r, trained)
@@ -262,8 +263,10 @@ def _pivotal_tokens(r: _Run, base, selected):
 
 def _circuit(r: _Run, loc_key, examples):
     cfg = r.config
-    method_cfg = cfg.dcm if cfg.localize == "dcm" else cfg.patching
-    key = digest([loc_key, cfg.localize, dataclasses.asdict(method_cfg)])
+    method_cfg = {"dcm": cfg.dcm, "random": cfg.random}.get(cfg.localize, cfg.patching)
+    like = [] if cfg.localize != "random" or cfg.random.like is None else [_like_mask(cfg.random.like)]
+    key = digest([loc_key, cfg.localize, dataclasses.asdict(method_cfg)]
+                 + [{k: np.asarray(v).tolist() for k, v in m.items()} for m in like])
     d = r.stages.dir("circuit")
     with r.stage("circuit", key) as todo:
         if todo:
@@ -291,8 +294,34 @@ def _find_circuit(r: _Run, d: Path, examples) -> None:
                                              pc.chunk, r.pad, r.progress)
         components.save(eff, d / "effects.npz")
         components.save(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by), d / "mask.npz")
+    elif cfg.localize == "random":
+        rc = cfg.random
+        mask = (components.random_like(_like_mask(rc.like), rc.seed) if rc.like is not None
+                else components.random_fraction(r.model.config, rc.fraction, rc.seed))
+        components.save(mask, d / "mask.npz")
     else:
-        raise CCAError(f"localize must be dcm, patching or attribution, got {cfg.localize!r}")
+        raise CCAError(f"localize must be dcm, patching, attribution or random, got {cfg.localize!r}")
+
+
+def _like_mask(like: str) -> dict:
+    """random.like: a run directory's circuit, or a mask.npz."""
+    p = Path(like)
+    f = p / "stages" / "circuit" / "mask.npz" if p.is_dir() else p
+    if not f.is_file():
+        raise CCAError(f"random.like: {like} holds no circuit (stages/circuit/mask.npz): finish that run first")
+    return components.load(f)
+
+
+def _faithfulness(r: _Run, circ_key, examples, mask) -> dict:
+    """The circuit's share of the logit difference at the pivots, the rest mean-ablated."""
+    from cca_jax.cca.faithfulness import faithfulness
+
+    d = r.stages.dir("faithfulness")
+    with r.stage("faithfulness", digest([circ_key, "mean-ablation"])) as todo:
+        if todo:
+            atomic.write_json(d / "faithfulness.json",
+                              faithfulness(r.model, examples, mask, r.config.dcm.batch_size, r.pad))
+    return stages.read_json(d / "faithfulness.json")
 
 
 def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.LoopResult:

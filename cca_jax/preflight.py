@@ -73,6 +73,18 @@ def _data(config, run_dir) -> None:
                        f"builtin, a GSM-Symbolic template directory or a .jsonl")
 
 
+def _random_like(config, run_dir) -> None:
+    """``localize: random`` with ``random.like``: the run (or mask.npz) whose circuit sizes
+    it copies exists and holds a circuit."""
+    like = getattr(getattr(config, "random", None), "like", None)
+    if config.localize != "random" or like is None:
+        return
+    p = Path(like)
+    f = p / "stages" / "circuit" / "mask.npz" if p.is_dir() else p
+    if not f.is_file():
+        raise CCAError(f"random.like: {like} holds no circuit (stages/circuit/mask.npz): finish that run first")
+
+
 def _side_effects(config, run_dir) -> None:
     """Side-effect task names and their data, read now rather than after training."""
     se = config.side_effects
@@ -115,7 +127,7 @@ def _mesh(config, run_dir) -> None:
     are checked here when it does."""
 
 
-CHECKS: tuple[Callable, ...] = (_output, _extras, _data, _side_effects, _model, _mesh)
+CHECKS: tuple[Callable, ...] = (_output, _extras, _data, _random_like, _side_effects, _model, _mesh)
 
 
 def check(config, run_dir: str | os.PathLike | None = None) -> None:

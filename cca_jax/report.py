@@ -44,6 +44,11 @@ def table_rows(summary: dict) -> list[tuple[str, str]]:
         ("parameters changed", _pct(summary["fraction_parameters_changed"])),
         ("best amplification step (val)", str(summary["best_step"])),
     ]
+    f = summary.get("faithfulness")
+    if f and f.get("fraction") is not None:
+        rows.append(("faithfulness (circuit's share of the pivots' logit difference, rest mean-ablated)",
+                     f"{f['fraction']:.2f} (LD {f['ld_circuit']:.2f} of {f['ld_full']:.2f}; "
+                     f"{f['ld_all_ablated']:.2f} with nothing kept)"))
     return rows
 
 

@@ -32,7 +32,7 @@ from cca_jax.evaluate.tasks import RENAMED as RENAMED_TASKS
 from cca_jax.evaluate.tasks import TASKS
 
 METHODS = ("cca", "sft_full", "sft_lora")
-LOCALIZE = ("dcm", "patching", "attribution")
+LOCALIZE = ("dcm", "patching", "attribution", "random")
 
 
 def _is_dtype(name) -> bool:
@@ -59,6 +59,7 @@ RULES: dict[str, dict] = {
              "test_max_new_tokens": COUNT, "batch_size": COUNT},
     "patching": {"mode": one_of(*PATCHING_MODES), "top_k": COUNT, "fraction": (above(0), at_most(1)),
                  "by": one_of("neg", "abs"), "batch_size": COUNT, "chunk": COUNT},
+    "random": {"like": NONEMPTY, "fraction": (above(0), at_most(1)), "seed": SEED},
     "side_effects": {"tasks": Rule(lambda v: v in TASKS, f"one of {', '.join(TASKS)} (renamed: "
                                    + ", ".join(f"{a} is now {b}" for a, b in RENAMED_TASKS.items()) + ")"),
                      "limit": COUNT, "data_dir": NONEMPTY, "batch_size": COUNT, "gsm8k_max_new_tokens": COUNT},
@@ -125,6 +126,22 @@ class PatchingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RandomCircuitConfig:
+    """``localize: random``: a control circuit drawn uniformly at random, either with the
+    same number of components of each type in each layer as another run's circuit
+    (``like``: its run directory, or a mask.npz) or ``fraction`` of each type per layer."""
+
+    like: str | None = None
+    fraction: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, "random")
+        if self.like is not None and self.fraction is not None:
+            raise CCAError("random: set like or fraction, not both")
+
+
+@dataclasses.dataclass(frozen=True)
 class SideEffectsConfig:
     """Benchmarks run on the model before and after (SPEC 5): does the rest stay intact?"""
 
@@ -149,27 +166,32 @@ class RunConfig:
     # attention in calls without a cache (prefill, amplification steps): xla | tokamax
     # (fused kernels, pip install 'cca_jax[kernels]'; faster on H100/H200) | tokamax:<impl>
     attention: str = "xla"
-    # JAX's persistent compilation cache (a rerun or resumed run compiles nothing):
-    # "default" ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla), a directory, or "off"
+    # JAX's persistent compilation cache (a rerun or resumed run compiles nothing): a
+    # directory, "off", or "default" ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla on
+    # GPU/TPU and off on the CPU: see timing.cache_dir)
     compile_cache: str = "default"
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     pivots: PivotConfig = PivotConfig()
     dcm: DCMConfig = DCMConfig()
     patching: PatchingConfig = PatchingConfig()
+    random: RandomCircuitConfig = RandomCircuitConfig()
     amplify: AmplifyConfig = AmplifyConfig()
     sft: SFTConfig = SFTConfig()
     side_effects: SideEffectsConfig = SideEffectsConfig()
 
     def __post_init__(self):
         check_fields(self, "")  # the sections checked themselves when they were built
+        if self.localize == "random" and self.random.like is None and self.random.fraction is None:
+            raise CCAError("localize: random needs random.like (a run directory whose circuit's size to match) "
+                           "or random.fraction")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm": DCMConfig,
-             "patching": PatchingConfig, "amplify": AmplifyConfig, "sft": SFTConfig,
+             "patching": PatchingConfig, "random": RandomCircuitConfig, "amplify": AmplifyConfig, "sft": SFTConfig,
              "side_effects": SideEffectsConfig}
 
 

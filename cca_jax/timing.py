@@ -111,15 +111,19 @@ def fetch(x):
 
 
 def cache_dir(setting: str | None) -> Path | None:
-    """The persistent compilation cache's directory for a config value: "default"
-    ($CCA_JAX_COMPILE_CACHE, else ~/.cache/cca_jax/xla; "off" there turns it off), a
-    path, or None/"off"."""
+    """The persistent compilation cache's directory for a config value: a path, None or
+    "off", or "default": $CCA_JAX_COMPILE_CACHE if set ("off" turns it off), else
+    ~/.cache/cca_jax/xla on GPU and TPU and none on the CPU, where writing XLA:CPU
+    executables to the cache crashed the process (a segfault in JAX's cache write, seen
+    on jax 0.10.2); set a directory explicitly to use it there."""
     if setting in (None, "off", False):
         return None
-    if setting == "default":
-        env = os.environ.get("CCA_JAX_COMPILE_CACHE", str(DEFAULT_CACHE))
+    if setting != "default":
+        return Path(os.path.expanduser(str(setting)))
+    env = os.environ.get("CCA_JAX_COMPILE_CACHE")
+    if env is not None:
         return None if env in ("", "off") else Path(os.path.expanduser(env))
-    return Path(os.path.expanduser(str(setting)))
+    return None if jax.default_backend() == "cpu" else Path(os.path.expanduser(str(DEFAULT_CACHE)))
 
 
 def enable_cache(directory: Path | None) -> None:

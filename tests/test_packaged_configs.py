@@ -89,6 +89,8 @@ def test_preflight_order_and_messages(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CCAError, match="model nobody/no-such-model: HF_HUB_OFFLINE is set and it is not in the hub cache"):
         preflight.check(cfg(model="nobody/no-such-model", tokenizer=None))
+    with pytest.raises(CCAError, match="random.like: /no/run holds no circuit"):
+        preflight.check(cfg(localize="random", random={"like": "/no/run"}))
     # side-effect data is read now, not after training
     with pytest.raises(CCAError, match="--data-dir /no/such: no such directory"):
         preflight.check(cfg(side_effects={"tasks": ["mmlu_5shot"], "data_dir": "/no/such"}))

@@ -123,6 +123,28 @@ def fraction_parameters_changed(mask: dict | None, params: dict, targets=DEFAULT
     return changed / total_params
 
 
+def random_like(reference: dict, seed: int) -> dict:
+    """A circuit drawn uniformly at random with exactly as many components of each type in
+    each layer as ``reference`` (a control: does *this* circuit matter, or its size?)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in TYPES:
+        ref = np.asarray(reference[t]).astype(bool)
+        m = np.zeros(ref.shape, bool)
+        for layer, n in enumerate(ref.sum(axis=1)):
+            m[layer, rng.choice(ref.shape[1], size=int(n), replace=False)] = True
+        out[t] = m
+    return out
+
+
+def random_fraction(cfg: ModelConfig, fraction: float, seed: int) -> dict:
+    """A random circuit with round(fraction * N) components of each type in every layer."""
+    counts = {t: np.zeros(s, bool) for t, s in shapes(cfg).items()}
+    for t, m in counts.items():
+        m[:, : int(round(fraction * m.shape[1]))] = True
+    return random_like(counts, seed)
+
+
 def save(mask: dict, path: str | os.PathLike) -> Path:
     """npz (no pickle), written atomically."""
     p = Path(path)
