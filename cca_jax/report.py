@@ -59,10 +59,9 @@ def format_table(summary: dict) -> str:
 
 
 def plots(summary: dict, run_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The run's PNGs and report.md. Figures are drawn without pyplot (``views.figure``):
+    calling this in a notebook leaves its plotting backend alone."""
+    from cca_jax.views import figure
 
     run_dir = Path(run_dir)
     out = run_dir / "plots"
@@ -70,7 +69,8 @@ def plots(summary: dict, run_dir: str | Path) -> list[Path]:
     files = []
 
     steps = sorted(summary["val_accuracy_by_step"].items(), key=lambda kv: int(kv[0]))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot([int(s) for s, _ in steps], [a for _, a in steps], marker="o")
     ax.axvline(summary["best_step"], color="grey", ls="--", label=f"best step {summary['best_step']}")
     ax.set_xlabel("amplification step")
@@ -82,7 +82,8 @@ def plots(summary: dict, run_dir: str | Path) -> list[Path]:
 
     per_layer = summary["components_per_layer"]
     n_layers = len(next(iter(per_layer.values())))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     bottom = [0] * n_layers
     for kind, counts in per_layer.items():
         ax.bar(range(n_layers), counts, bottom=bottom, label=kind)

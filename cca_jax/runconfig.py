@@ -1,6 +1,10 @@
 """Run configuration: frozen dataclasses loaded from YAML in ``configs/``, with
 ``--set a.b=value`` overrides. Unknown keys are errors that name the key.
 
+A config is a YAML path or the name of one the package carries (``tiny``,
+``gemma-2-2b-it``: ``configs/*.yaml`` of the repository, installed with the wheel as
+``cca_jax/configs``; ``names()`` lists them).
+
 Every field is checked as its dataclass is built, against its declared type and the
 range or choices in ``RULES``: a bad value is one line naming the field, before any
 model is loaded or anything is written."""
@@ -24,6 +28,7 @@ from cca_jax.config import ATTENTION, parse_dtype
 from cca_jax.data.answers import MODES as ANSWER_MODES
 from cca_jax.errors import CCAError
 from cca_jax.validate import COUNT, NONEMPTY, SEED, Rule, above, at_least, at_most, one_of
+from cca_jax.evaluate.tasks import RENAMED as RENAMED_TASKS
 from cca_jax.evaluate.tasks import TASKS
 
 METHODS = ("cca", "sft_full", "sft_lora")
@@ -31,6 +36,8 @@ LOCALIZE = ("dcm", "patching", "attribution", "random")
 
 
 def _is_dtype(name) -> bool:
+    if name == "auto":  # the checkpoint's own (load.load_model)
+        return True
     try:
         parse_dtype(name)
     except CCAError:
@@ -42,7 +49,8 @@ def _is_dtype(name) -> bool:
 # dcm, pivots and sft keep theirs next to their dataclasses
 RULES: dict[str, dict] = {
     "": {"model": NONEMPTY, "method": one_of(*METHODS), "localize": one_of(*LOCALIZE),
-         "dtype": Rule(_is_dtype, "a dtype: float32, bfloat16 or float16"), "attention": one_of(*ATTENTION),
+         "dtype": Rule(_is_dtype, "a dtype: auto (the checkpoint's own), float32, bfloat16 or float16"),
+         "attention": one_of(*ATTENTION),
          "tokenizer": Rule(lambda v: v == "char", "'char' or null (the model's own)"),
          "compile_cache": NONEMPTY},
     "data": {"templates": NONEMPTY, "per_template": COUNT, "template_ids": at_least(0),
@@ -52,8 +60,9 @@ RULES: dict[str, dict] = {
     "patching": {"mode": one_of(*PATCHING_MODES), "top_k": COUNT, "fraction": (above(0), at_most(1)),
                  "by": one_of("neg", "abs"), "batch_size": COUNT, "chunk": COUNT},
     "random": {"like": NONEMPTY, "fraction": (above(0), at_most(1)), "seed": SEED},
-    "side_effects": {"tasks": one_of(*TASKS), "limit": COUNT, "data_dir": NONEMPTY, "batch_size": COUNT,
-                     "gsm8k_max_new_tokens": COUNT},
+    "side_effects": {"tasks": Rule(lambda v: v in TASKS, f"one of {', '.join(TASKS)} (renamed: "
+                                   + ", ".join(f"{a} is now {b}" for a, b in RENAMED_TASKS.items()) + ")"),
+                     "limit": COUNT, "data_dir": NONEMPTY, "batch_size": COUNT, "gsm8k_max_new_tokens": COUNT},
 }
 
 
@@ -136,7 +145,7 @@ class RandomCircuitConfig:
 class SideEffectsConfig:
     """Benchmarks run on the model before and after (SPEC 5): does the rest stay intact?"""
 
-    tasks: tuple[str, ...] = ()  # mmlu, truthfulqa_mc1, truthfulqa_mc2, triviaqa, gsm8k; () = skip
+    tasks: tuple[str, ...] = ()  # evaluate.tasks.TASKS; () = skip
     limit: int | None = None  # items per task (MMLU round-robin over subjects)
     data_dir: str | None = None  # None: $CCA_JAX_EVAL_DATA or ../shared/data/eval; "hub": download once
     batch_size: int = 16
@@ -150,7 +159,7 @@ class SideEffectsConfig:
 class RunConfig:
     model: str
     method: str = "cca"  # cca | sft_full | sft_lora (SPEC 5 baselines, configured by `sft:`)
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's own (bfloat16 for gemma-2), or float32 | bfloat16 | float16
     tokenizer: str | None = None  # None: the model's own; "char": tiny test models
     localize: str = "dcm"  # how the circuit is found: dcm | patching | attribution
     export: bool = False  # also write the amplified model as a HF directory (run_dir/amplified)
@@ -248,10 +257,55 @@ def _read(p: Path):
     return raw
 
 
+# -- configs the package carries --------------------------------------------------------------
+
+def configs_dir() -> Path:
+    """The run configs the package carries: ``cca_jax/configs`` in an installed wheel, the
+    checkout's top-level ``configs/`` (their source) otherwise."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "configs", here.parent / "configs"):
+        if (d / "tiny.yaml").is_file():
+            return d
+    raise CCAError(f"no run configs next to the package ({here / 'configs'}): reinstall cca-jax")
+
+
+def names() -> list[str]:
+    """Names of the packaged run configs (``cca-jax run NAME``)."""
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def packaged(ref: str | Path) -> Path | None:
+    """The packaged file ``ref`` names: ``tiny``, ``tiny.yaml``, ``configs/tiny.yaml`` or
+    ``configs/models/tiny-llama.yaml`` (the repository's paths work from any folder);
+    None for anything else."""
+    parts = Path(ref).parts
+    if parts[:1] == ("configs",):
+        parts = parts[1:]
+    if not parts or any(p in ("..", ".") for p in parts) or Path(ref).is_absolute():
+        return None
+    if len(parts) == 1 and not parts[0].endswith((".yaml", ".yml")):
+        parts = (parts[0] + ".yaml",)
+    cand = configs_dir().joinpath(*parts)
+    return cand if cand.is_file() else None
+
+
+def resolve(config: str | Path) -> Path:
+    """A run config argument as a file: an existing path, else a packaged config's name."""
+    p = Path(config)
+    if p.exists():
+        return p
+    found = packaged(config)
+    if found is not None:
+        return found
+    raise CCAError(f"no such config file: {config} (and no packaged config of that name: "
+                   f"{', '.join(names())}; `cca-jax configs` shows them)")
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """The config in ``path`` with ``overrides``; every field checked (type, range, choices)
-    before anything is loaded or written."""
-    p = Path(path)
+    """The config in ``path`` (a YAML file, or a packaged config's name: ``tiny``) with
+    ``overrides``; every field checked (type, range, choices) before anything is loaded
+    or written."""
+    p = resolve(path)
     raw = apply_overrides(_read(p), overrides or [])
     if "model" not in raw:
         raise CCAError(f"{p}: 'model' is required (a HF dir, hub id, .gguf, model YAML or offline name)")

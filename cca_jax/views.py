@@ -161,19 +161,23 @@ def show(circuit: Mapping) -> None:
 # -- matplotlib PNGs ----------------------------------------------------------------------
 
 
-def _plt():
-    mpl = _need("matplotlib")
-    mpl.use("Agg")
-    return _need("matplotlib.pyplot")
+def figure(**kw):
+    """A matplotlib Figure that is not pyplot's: it renders to files without choosing a
+    backend, so nothing here switches the backend of a live notebook kernel (its inline
+    plots keep showing)."""
+    _need("matplotlib")
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
 
 
 def plot_layer_counts(mask: Mapping, path: str | os.PathLike, title: str | None = None) -> Path:
     """Two panels: selected heads per layer (q, k, v stacked) and selected neurons per layer."""
-    plt = _plt()
     c = counts(mask)
     L = c["layers"]
     x = np.arange(L)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig = figure(figsize=(11, 3.4))
+    a1, a2 = fig.subplots(1, 2)
     bottom = np.zeros(L)
     for t in ("q", "k", "v"):
         v = np.asarray(c["per_layer"][t])
@@ -196,11 +200,11 @@ def plot_layer_counts(mask: Mapping, path: str | os.PathLike, title: str | None 
 def plot_head_heatmap(circuit: Mapping, path: str | os.PathLike, title: str | None = None) -> Path:
     """Layer x (query heads | key heads | value heads). Binary masks in two colours,
     effects on a diverging scale around zero."""
-    plt = _plt()
     grid, labels = head_matrix(circuit)
     binary = is_binary(circuit)
     L, n = grid.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * n + 2), max(3.0, 0.22 * L + 1.2)))
+    fig = figure(figsize=(max(4.0, 0.32 * n + 2), max(3.0, 0.22 * L + 1.2)))
+    ax = fig.subplots()
     if binary:
         im = ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     else:
@@ -227,12 +231,12 @@ def plot_head_heatmap(circuit: Mapping, path: str | os.PathLike, title: str | No
 def plot_neuron_density(mask: Mapping, path: str | os.PathLike, bins: int = 64, title: str | None = None) -> Path:
     """Left: fraction of each layer's MLP neurons in the circuit. Right: the same per block
     of neuron indices (layer x block heatmap)."""
-    plt = _plt()
     m = {k: np.asarray(mask[k]).astype(bool) for k in TYPES}
     frac = m["mlp"].mean(axis=1)
     dens = neuron_density(m, bins)
     L, F = m["mlp"].shape
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig = figure(figsize=(11, 3.6))
+    a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
     a1.barh(np.arange(L), 100 * frac, color="tab:red")
     a1.invert_yaxis()
     a1.set_xlabel("% of the layer's neurons selected")

@@ -215,7 +215,7 @@ def test_data_bad_per_template(tmp_path, capsys):
 
 def test_bench_tasks_out_is_a_directory_checked_first(tmp_path, capsys):
     # /no/such data would fail too, later: --out is checked before anything is read
-    fails(capsys, ["bench-tasks", "--model", TINY_MODEL, "--tasks", "gsm8k", "--data-dir", "/no/such",
+    fails(capsys, ["bench-tasks", "--model", TINY_MODEL, "--tasks", "gsm8k_cot_8shot", "--data-dir", "/no/such",
                    "--out", str(tmp_path)], "is a directory", "give a file path")
     assert list(tmp_path.iterdir()) == []
 
@@ -225,7 +225,7 @@ def test_bench_tasks_out_in_a_read_only_directory(tmp_path, capsys, monkeypatch)
     ro.mkdir()
     read_only(ro, monkeypatch)
     try:
-        fails(capsys, ["bench-tasks", "--model", TINY_MODEL, "--tasks", "gsm8k", "--out", str(ro / "r.json")],
+        fails(capsys, ["bench-tasks", "--model", TINY_MODEL, "--tasks", "gsm8k_cot_8shot", "--out", str(ro / "r.json")],
               "is not writable")
         assert list(ro.iterdir()) == []
     finally:
@@ -245,15 +245,15 @@ def test_bench_tasks_empty_task_is_valid_json(tmp_path, capsys, monkeypatch):
     (data / "gsm8k").mkdir(parents=True)
     (data / "gsm8k" / "test.jsonl").write_text("")
     out = tmp_path / "r.json"
-    assert cli.main(["bench-tasks", "--model", TINY_MODEL, "--tokenizer", "char", "--tasks", "gsm8k",
+    assert cli.main(["bench-tasks", "--model", TINY_MODEL, "--tokenizer", "char", "--tasks", "gsm8k_cot_8shot",
                      "--data-dir", str(data), "--quiet", "--out", str(out)]) == 0
 
     def no_nan(token):
         raise AssertionError(f"{token} in the JSON")
 
     res = json.loads(out.read_text(), parse_constant=no_nan)
-    assert res["tasks"]["gsm8k"]["score"] is None and res["tasks"]["gsm8k"]["n"] == 0
-    assert "gsm8k: acc n/a (no items) (n=0" in capsys.readouterr().out
+    assert res["tasks"]["gsm8k_cot_8shot"]["score"] is None and res["tasks"]["gsm8k_cot_8shot"]["n"] == 0
+    assert "gsm8k_cot_8shot: acc n/a (no items) (n=0" in capsys.readouterr().out
 
 
 def test_finite_or_null():

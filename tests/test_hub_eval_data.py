@@ -6,7 +6,7 @@ import pytest
 from cca_jax.errors import CCAError
 from cca_jax.evaluate import hub_data, tasks
 
-ALL = ["mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "triviaqa", "gsm8k"]
+ALL = ["mmlu_5shot", "truthfulqa_mc1", "truthfulqa_mc2", "triviaqa_5shot", "gsm8k_cot_8shot"]
 
 
 def hub_rows(repo, prefix):
@@ -55,17 +55,17 @@ def test_data_dir_hub_uses_the_cache_and_only_the_tasks_asked_for(tmp_path, monk
     fetched = []
     monkeypatch.setenv(hub_data.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.setattr(hub_data, "fetch_rows", lambda repo, prefix: fetched.append(repo) or hub_rows(repo, prefix))
-    data = tasks.prepare(["gsm8k"], data_dir="hub")
+    data = tasks.prepare(["gsm8k_cot_8shot"], data_dir="hub")
     assert data["data_dir"] == str(tmp_path / "cache") and fetched == ["openai/gsm8k"]
     assert (tmp_path / "cache" / "gsm8k" / "test.jsonl").exists() and not (tmp_path / "cache" / "mmlu").exists()
     monkeypatch.setenv(tasks.ENV_DATA, "hub")
-    assert tasks.prepare(["gsm8k"])["data_dir"] == str(tmp_path / "cache") and fetched == ["openai/gsm8k"]
+    assert tasks.prepare(["gsm8k_cot_8shot"])["data_dir"] == str(tmp_path / "cache") and fetched == ["openai/gsm8k"]
 
 
 def test_a_malformed_hub_row_or_no_download_is_one_line(tmp_path, monkeypatch):
     bad = lambda repo, prefix: [{"question": "q", "subject": "s", "choices": ["a", "b"], "answer": 0}]
     with pytest.raises(CCAError, match="4 choices"):
-        hub_data.materialize(["mmlu"], tmp_path, fetch=bad, log=lambda *_: None)
+        hub_data.materialize(["mmlu_5shot"], tmp_path, fetch=bad, log=lambda *_: None)
     assert not (tmp_path / "mmlu" / ".done").exists()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CCAError) as err:  # no pyarrow here, or no network: either way one line naming the fix

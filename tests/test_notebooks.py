@@ -63,6 +63,15 @@ def test_quickstart_tiny(tmp_path, monkeypatch):
     assert (run / "amplified_hf" / "config.json").exists()
     html = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert html  # the treescope view rendered
+    # issue 23: the exported directory has its generation config and tokenizer; the device
+    # check ran and chose the CPU preset; a pyplot figure drawn after pipeline.run is shown
+    # inline (the pipeline's PNGs did not switch the kernel's backend to Agg)
+    assert (run / "amplified_hf" / "generation_config.json").exists()
+    assert (run / "amplified_hf" / "tokenizer.json").exists()
+    assert "settings: CPU: the config's own settings" in text
+    plot_cell = next(c for c in nb.cells if c.cell_type == "code" and "plt.show()" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in plot_cell.outputs), "the inline plot did not show"
+    assert "matplotlib backend: agg" not in text.lower()
 
 
 def test_demo_offline_tiny(tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def data_dir(tmp_path):
 
 
 def test_limit_subsets_are_deterministic(data_dir):
-    d = tasks.prepare("mmlu,truthfulqa_mc2,triviaqa,gsm8k", limit=4, data_dir=data_dir)
+    d = tasks.prepare("mmlu_5shot,truthfulqa_mc2,triviaqa_5shot,gsm8k_cot_8shot", limit=4, data_dir=data_dir)
     items, dev = d["mmlu"]
     assert [(it.subject, it.index) for it in items] == [("alpha", 0), ("beta_gamma", 0), ("delta", 0), ("alpha", 1)]
     assert items[0].question == "alpha test q0, with a comma?" and items[0].choices == ("1", "2", "3", "4")
@@ -157,19 +157,19 @@ def test_limit_subsets_are_deterministic(data_dir):
     assert [it.index for it in shots] == [0, 1, 2, 3, 4] and [it.index for it in trivia] == [5, 6, 7, 8]
     assert trivia[0].question == "What is 5 + 1?" and trivia[0].aliases == ("6", "n6")
     assert [it.gold for it in d["gsm8k"]] == [2000.0, 2002.0, 2004.0, 2006.0]
-    again = tasks.prepare("mmlu,truthfulqa_mc2,triviaqa,gsm8k", limit=4, data_dir=data_dir)
+    again = tasks.prepare("mmlu_5shot,truthfulqa_mc2,triviaqa_5shot,gsm8k_cot_8shot", limit=4, data_dir=data_dir)
     assert again == d
-    full = tasks.prepare("mmlu", data_dir=data_dir)
+    full = tasks.prepare("mmlu_5shot", data_dir=data_dir)
     assert len(full["mmlu"][0]) == 6
-    assert len(tasks.prepare("mmlu", limit=100, data_dir=data_dir)["mmlu"][0]) == 6
+    assert len(tasks.prepare("mmlu_5shot", limit=100, data_dir=data_dir)["mmlu"][0]) == 6
     for bad in (0, -2, True):
         with pytest.raises(CCAError, match="--limit must be a positive integer"):
-            tasks.prepare("mmlu", limit=bad, data_dir=data_dir)
+            tasks.prepare("mmlu_5shot", limit=bad, data_dir=data_dir)
     with pytest.raises(CCAError, match="unknown task 'mmlux'"):
-        tasks.prepare("mmlu,mmlux", data_dir=data_dir)
+        tasks.prepare("mmlu_5shot,mmlux", data_dir=data_dir)
     (data_dir / "gsm8k" / "test.jsonl").unlink()
     with pytest.raises(CCAError, match="test.jsonl: missing \\(needed by gsm8k\\)"):
-        tasks.prepare("gsm8k", data_dir=data_dir)
+        tasks.prepare("gsm8k_cot_8shot", data_dir=data_dir)
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
@@ -206,16 +206,16 @@ def test_prompts():
 
 def test_run_tasks_records_are_consistent(tiny, data_dir):
     model, tok = tiny
-    res = tasks.run_tasks(model, tok, "mmlu,truthfulqa_mc1,truthfulqa_mc2", data_dir=data_dir, progress=False,
+    res = tasks.run_tasks(model, tok, "mmlu_5shot,truthfulqa_mc1,truthfulqa_mc2", data_dir=data_dir, progress=False,
                           batch_size=4)
-    assert list(res) == ["mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]
-    m = res["mmlu"]
+    assert list(res) == ["mmlu_5shot", "truthfulqa_mc1", "truthfulqa_mc2"]
+    m = res["mmlu_5shot"]
     assert m["n"] == 6 and m["per_subject"]["delta"]["n"] == 3
     for r in m["records"]:
         assert r["correct"] == ("ABCD"[int(np.argmax(r["lls"]))] == r["gold"])
     assert m["score"] == pytest.approx(np.mean([r["correct"] for r in m["records"]]))
     # one MMLU item scored directly (no cache, no batching)
-    items, dev = tasks.prepare("mmlu", data_dir=data_dir)["mmlu"]
+    items, dev = tasks.prepare("mmlu_5shot", data_dir=data_dir)["mmlu"]
     r0 = next(r for r in m["records"] if (r["subject"], r["index"]) == ("delta", 2))
     ctx = tok(tasks.mmlu_prompt(items[-1], dev["delta"]))["input_ids"]
     want = [sum(_direct(model, [], ctx, tok(f" {k}")["input_ids"])) for k in "ABCD"]  # " A" is 2 chars
@@ -232,7 +232,7 @@ def test_run_tasks_records_are_consistent(tiny, data_dir):
 def test_cli_writes_json(tiny, data_dir, tmp_path, capsys):
     out = tmp_path / "res" / "bt.json"
     code = cli.main(["bench-tasks", "--model", str(CONFIGS / "tiny-llama.yaml"), "--tokenizer", "char",
-                     "--tasks", "mmlu,truthfulqa_mc1,truthfulqa_mc2,triviaqa,gsm8k", "--limit", "2",
+                     "--tasks", "mmlu_5shot,truthfulqa_mc1,truthfulqa_mc2,triviaqa_5shot,gsm8k_cot_8shot", "--limit", "2",
                      "--data-dir", str(data_dir), "--max-new-tokens", "6", "--batch-size", "4", "--quiet",
                      "--out", str(out)])
     assert code == 0
@@ -241,33 +241,33 @@ def test_cli_writes_json(tiny, data_dir, tmp_path, capsys):
     for name, r in res["tasks"].items():
         assert r["n"] == 2 and len(r["records"]) == 2, name
         assert 0 <= r["score"] <= 1 and {"metric", "seconds"} <= set(r)
-    assert res["tasks"]["triviaqa"]["records"][0]["index"] == 5
-    assert all(r["n_generated"] <= 6 for r in res["tasks"]["gsm8k"]["records"])
+    assert res["tasks"]["triviaqa_5shot"]["records"][0]["index"] == 5
+    assert all(r["n_generated"] <= 6 for r in res["tasks"]["gsm8k_cot_8shot"]["records"])
     assert [p.name for p in out.parent.iterdir()] == ["bt.json"]  # atomic: no temp file left
     printed = capsys.readouterr().out
-    assert "mmlu: acc" in printed and "wrote" in printed
+    assert "mmlu_5shot: acc" in printed and "wrote" in printed
 
 
 def test_cli_errors_are_one_line(data_dir, tmp_path, capsys, monkeypatch):
     model = str(CONFIGS / "tiny-llama.yaml")
     out = str(tmp_path / "x.json")
-    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu,gpqa", "--data-dir", str(data_dir),
+    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu_5shot,gpqa", "--data-dir", str(data_dir),
                      "--out", out]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'gpqa'" in err and err.count("\n") == 1
-    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu", "--data-dir", "/no/such/dir",
+    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu_5shot", "--data-dir", "/no/such/dir",
                      "--out", out]) == 2
     err = capsys.readouterr().err
     assert "/no/such/dir: no such directory" in err and err.count("\n") == 1
     monkeypatch.delenv(tasks.ENV_DATA, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu", "--out", out]) == 2
+    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu_5shot", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "no evaluation data" in err and err.count("\n") == 1
     assert cli.main(["bench-tasks", "--model", model, "--limit", "0", "--data-dir", str(data_dir),
                      "--out", out]) == 2
     assert "--limit must be a positive integer" in capsys.readouterr().err
-    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu", "--data-dir", str(data_dir),
+    assert cli.main(["bench-tasks", "--model", model, "--tasks", "mmlu_5shot", "--data-dir", str(data_dir),
                      "--out", out]) == 2  # a random YAML model has no tokenizer
     assert "--tokenizer char" in capsys.readouterr().err
     assert not Path(out).exists()
@@ -327,7 +327,7 @@ def _hf_lls(ref, ref_tok, context: str, continuations: list[str]) -> list[float]
 
 def test_smollm2_choice_loglikelihoods_match_transformers(smollm2):
     ours, tok, ref, ref_tok = smollm2
-    data = tasks.prepare("mmlu,truthfulqa_mc1,truthfulqa_mc2", data_dir=SHARED_EVAL)
+    data = tasks.prepare("mmlu_5shot,truthfulqa_mc1,truthfulqa_mc2", data_dir=SHARED_EVAL)
     items, dev = data["mmlu"]
     # two subjects with short prompts, 10 items each (one cached 5-shot prefix per subject)
     mmlu_items = [it for s in ("abstract_algebra", "world_religions") for it in

@@ -82,13 +82,11 @@ def compare(run_dirs: list[str]) -> dict:
 
 
 def plot(result: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cca_jax.views import figure  # not pyplot: a notebook's backend stays as it is
 
     pairs = result["pairs"]
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(8, 2.2 * len(pairs)), squeeze=False)
+    fig = figure(figsize=(8, 2.2 * len(pairs)))
+    axes = fig.subplots(len(pairs), 1, squeeze=False)
     for ax, p in zip(axes[:, 0], pairs):
         grid = np.array([p["per_layer"][t] for t in components.TYPES])
         im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")

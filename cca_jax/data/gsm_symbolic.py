@@ -86,7 +86,8 @@ def _parse_jsonl_row(row, where: str) -> Item:
         gold = float(ans_text) if isinstance(ans_text, (int, float)) else answers.gold(ans_text)
         if not math.isfinite(gold):
             raise ValueError(f"answer {gold} is not a finite number")
-        return Item(template, instance, question, gold, ans_text if isinstance(ans_text, str) else "")
+        text = ans_text if isinstance(ans_text, str) else row.get("answer_text", "")  # our earlier format
+        return Item(template, instance, question, gold, text if isinstance(text, str) else "")
     except (KeyError, TypeError, ValueError, ArithmeticError) as err:
         msg = " ".join(str(err).split())[:120]  # one line, however odd the row
         raise CCAError(f"{where}: not a GSM-Symbolic record ({type(err).__name__}: {msg}); "
@@ -181,6 +182,52 @@ def write_jsonl(items: Iterable[Item | dict], path: str | os.PathLike) -> Path:
 
     return atomic.write_lines(path, (json.dumps(it.to_json() if isinstance(it, Item) else it) + "\n"
                                      for it in items))
+
+
+def template_records(source: str | os.PathLike | None) -> dict[int, dict]:
+    """Per template id (``id_orig``), what the hub's instance records carry besides the
+    instance: its GSM-Symbolic id (``id_shuffled``) and the original GSM8K question and
+    answer; read from the template files of ``source`` ("builtin" or a directory)."""
+    from importlib import resources
+
+    if source is None or str(source) == "builtin":
+        files = [p for p in (resources.files("cca_jax.data") / "builtin").iterdir() if p.name.endswith(".json")]
+    else:
+        files = sorted(Path(source).glob("*.json"))
+    out = {}
+    for f in files:
+        try:
+            raw = json.loads(f.read_bytes())
+            out[int(raw["id_orig"])] = {"id": int(raw.get("id_shuffled", raw["id_orig"])),
+                                        "original_question": raw.get("question"), "original_answer": raw.get("answer")}
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # load_templates has refused a bad file already
+    return out
+
+
+def to_hub_record(item: Item, template: dict | None = None) -> dict:
+    """An item in the schema of the hub's ``apple/GSM-Symbolic`` JSONL: ``id`` (the
+    GSM-Symbolic template id), ``instance``, ``question``, ``answer`` (the solution text
+    ending in ``#### N``), ``original_id`` (the GSM8K test index), and the original GSM8K
+    question and answer when the template files have them."""
+    template = template or {}
+    gold = int(item.answer) if float(item.answer).is_integer() else item.answer
+    answer = item.answer_text or f"#### {gold}"
+    rec = {"id": template.get("id", item.template), "instance": item.instance, "question": item.question,
+           "answer": answer, "original_id": item.template}
+    for k in ("original_question", "original_answer"):
+        if template.get(k) is not None:
+            rec[k] = template[k]
+    return rec
+
+
+def write_hub_jsonl(items: Iterable[Item], path: str | os.PathLike, templates: dict[int, dict] | None = None) -> Path:
+    """Items as the hub's JSONL (``to_hub_record``), written atomically; ``read_jsonl``
+    reads them back."""
+    from cca_jax import atomic
+
+    templates = templates or {}
+    return atomic.write_lines(path, (json.dumps(to_hub_record(it, templates.get(it.template))) + "\n" for it in items))
 
 
 def by_template(items: Sequence[Item]) -> dict[int, list[Item]]:

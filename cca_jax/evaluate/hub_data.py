@@ -32,8 +32,7 @@ SOURCES = {
     "triviaqa": ("mandarjoshi/trivia_qa", {"validation": "rc.nocontext/validation-"}),
     "gsm8k": ("openai/gsm8k", {"test": "main/test-"}),
 }
-FOLDER_OF_TASK = {"mmlu": "mmlu", "truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa",
-                  "triviaqa": "triviaqa", "gsm8k": "gsm8k"}
+FOLDER_OF_TASK = tasks.DATA_OF_TASK
 
 Rows = list[dict]
 Fetch = Callable[[str, str], Rows]  # (repo, file prefix) -> rows of the matching parquet files

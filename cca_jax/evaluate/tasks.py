@@ -1,14 +1,23 @@
 """Side-effect benchmarks: does CCA leave the rest of the model intact?
 
-    mmlu            5-shot (dev split of the same subject), Hendrycks' prompt; the answer
-                    is the letter whose " A".." D" continuation is most likely. Accuracy.
-    truthfulqa_mc1  the QA primer of the TruthfulQA paper, then "Q: ...\\nA:"; log-likelihood
-                    of " {choice}" per choice. MC1: the argmax choice is the true one.
-    truthfulqa_mc2  same scores; the normalized probability mass on the true answers.
-    triviaqa        5-shot "Question: ...\\nAnswer: ...", greedy, cut at a newline; exact
-                    match after SQuAD normalization against any alias.
-    gsm8k           the project's 8-shot CoT prompt, greedy, its answer extraction; gold is
-                    the number after "####".
+Each name says its protocol, so a score is never mistaken for lm-evaluation-harness's
+task of a similar name (run those through the harness: ``cca_jax.lm_eval_adapter``):
+
+    mmlu_5shot       5-shot (the first 5 dev items of the same subject), Hendrycks' prompt;
+                     the answer is the letter whose " A".." D" continuation is most likely.
+                     Accuracy. The same requests as lm-eval's ``mmlu`` with
+                     ``--num_fewshot 5`` (lm-eval's default is 0-shot).
+    truthfulqa_mc1   the QA primer of the TruthfulQA paper, then "Q: ...\\nA:"; log-likelihood
+                     of " {choice}" per choice. MC1: the argmax choice is the true one.
+                     lm-eval's ``truthfulqa_mc1`` (0-shot, the same primer).
+    truthfulqa_mc2   same scores; the normalized probability mass on the true answers
+                     (lm-eval's ``truthfulqa_mc2``).
+    triviaqa_5shot   5-shot "Question: ...\\nAnswer: ...", greedy, cut at a newline; exact
+                     match after SQuAD normalization against any alias (lm-eval's
+                     ``triviaqa`` is 0-shot with another prompt).
+    gsm8k_cot_8shot  the project's 8-shot chain-of-thought prompt, greedy, its answer
+                     extraction; gold is the number after "####" (lm-eval's ``gsm8k`` is
+                     5-shot without chain of thought).
 
 Data is read from a directory laid out like ``../shared/data/eval`` (``mmlu/{dev,test}/
 *.csv``, ``truthfulqa/mc_task.json``, ``triviaqa/triviaqa_sm_sub.jsonl``,
@@ -35,7 +44,12 @@ import numpy as np
 from cca_jax.errors import CCAError
 from cca_jax.evaluate import loglik
 
-TASKS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "triviaqa", "gsm8k")
+TASKS = ("mmlu_5shot", "truthfulqa_mc1", "truthfulqa_mc2", "triviaqa_5shot", "gsm8k_cot_8shot")
+# earlier names, now refused with the new one: they were lm-eval's names for other protocols
+RENAMED = {"mmlu": "mmlu_5shot", "triviaqa": "triviaqa_5shot", "gsm8k": "gsm8k_cot_8shot"}
+# the data folder (and ``prepare``'s key) each task reads
+DATA_OF_TASK = {"mmlu_5shot": "mmlu", "truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa",
+                "triviaqa_5shot": "triviaqa", "gsm8k_cot_8shot": "gsm8k"}
 ENV_DATA = "CCA_JAX_EVAL_DATA"
 HUB = "hub"  # --data-dir value: download the data once (evaluate/hub_data.py)
 DEFAULT_DATA = Path("..") / "shared" / "data" / "eval"
@@ -118,6 +132,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, tasks: Iterable[
 def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     unknown = [t for t in names if t not in TASKS]
+    if unknown and unknown[0] in RENAMED:
+        old = unknown[0]
+        raise CCAError(f"task {old!r} is now {RENAMED[old]!r} (its protocol differs from lm-evaluation-harness's "
+                       f"{old}; for that one: cca-jax lm-eval --tasks {old} ...)")
     if unknown:
         raise CCAError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}")
     if not names:
@@ -224,16 +242,16 @@ def prepare(tasks: str | Iterable[str], *, limit: int | None = None, data_dir=No
     check_limit(limit)
     root = resolve_data_dir(data_dir, names)
     data: dict = {"tasks": names, "data_dir": str(root)}
-    if "mmlu" in names:
+    if "mmlu_5shot" in names:
         items, dev = load_mmlu(root)
         data["mmlu"] = (round_robin(items, limit), dev)
     if {"truthfulqa_mc1", "truthfulqa_mc2"} & set(names):
         data["truthfulqa"] = load_truthfulqa(root)[:limit]
-    if "triviaqa" in names:
+    if "triviaqa_5shot" in names:
         items = load_triviaqa(root)
         # the first items are the fixed shots; the rest are evaluated
         data["triviaqa"] = (items[triviaqa_shots:][:limit], items[:triviaqa_shots])
-    if "gsm8k" in names:
+    if "gsm8k_cot_8shot" in names:
         data["gsm8k"] = load_gsm8k(root)[:limit]
     return data
 
@@ -241,7 +259,7 @@ def prepare(tasks: str | Iterable[str], *, limit: int | None = None, data_dir=No
 # -- prompts ------------------------------------------------------------------------------
 
 def mmlu_question(item: MMLUItem, with_answer: bool = False) -> str:
-    text = item.question + "".join(f"\n{k}. {c}" for k, c in zip(LETTERS, item.choices)) + "\nAnswer:"
+    text = item.question.strip() + "".join(f"\n{k}. {c}" for k, c in zip(LETTERS, item.choices)) + "\nAnswer:"
     return text + (f" {item.answer}\n\n" if with_answer else "")
 
 
@@ -315,7 +333,7 @@ def eval_mmlu(model, tokenizer, items: Sequence[MMLUItem], dev: dict[str, list[M
     by_subject: dict[str, list[MMLUItem]] = {}
     for it in items:
         by_subject.setdefault(it.subject, []).append(it)
-    bar = _bar(len(items) * len(LETTERS), "mmlu", progress)
+    bar = _bar(len(items) * len(LETTERS), "mmlu_5shot", progress)
     records = []
     for subject, its in by_subject.items():  # one shared 5-shot prefix per subject
         shots = dev[subject][:n_shots]
@@ -395,7 +413,7 @@ def eval_triviaqa(model, tokenizer, items: Sequence[TriviaQAItem], shots: Sequen
     from cca_jax.generate import generate, stop_ids
 
     prompts = [list(tokenizer(triviaqa_prompt(it.question, shots))["input_ids"]) for it in items]
-    bar = _bar(len(items), "triviaqa", progress)
+    bar = _bar(len(items), "triviaqa_5shot", progress)
     outs = generate(model, prompts, max_new_tokens, stop=newline_stop(tokenizer), batch_size=batch_size,
                     chunk=8, eos_token_id=stop_ids(model, tokenizer), pad_token_id=_pad_id(tokenizer),
                     on_batch=(lambda idx, _: bar.update(len(idx))) if bar is not None else None)
@@ -418,7 +436,7 @@ def eval_gsm8k(model, tokenizer, items: Sequence[GSM8KItem], *, max_new_tokens: 
     gitems = [Item(template=it.index, instance=0, question=it.question, answer=it.gold, answer_text=it.answer_text)
               for it in items]
     _, recs = gsm.evaluate(model, tokenizer, gitems, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           n_shots=n_shots, progress=progress, desc="gsm8k")
+                           n_shots=n_shots, progress=progress, desc="gsm8k_cot_8shot")
     records = [{"index": r["template"], "question": r["question"], "generated_text": r["generated_text"],
                 "n_generated": len(r["generated_tokens"]), "extracted": r["extracted"], "gold": r["gold"],
                 "correct": r["correct"]} for r in recs]
@@ -483,13 +501,13 @@ def run_tasks(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None
         if name in out:
             continue
         t0 = time.perf_counter()
-        if name == "mmlu":
+        if name == "mmlu_5shot":
             res = {name: eval_mmlu(model, tokenizer, *data["mmlu"], batch_size=batch_size, progress=progress)}
         elif name.startswith("truthfulqa_"):
             which = [n.split("_", 1)[1] for n in names if n.startswith("truthfulqa_")]
             res = eval_truthfulqa(model, tokenizer, data["truthfulqa"], which, batch_size=batch_size,
                                   progress=progress)
-        elif name == "triviaqa":
+        elif name == "triviaqa_5shot":
             items, shots = data["triviaqa"]
             res = {name: eval_triviaqa(model, tokenizer, items, shots, max_new_tokens=triviaqa_max_new_tokens,
                                        batch_size=batch_size, progress=progress)}

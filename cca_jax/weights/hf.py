@@ -120,6 +120,25 @@ def tensor_shapes(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...]]]:
                 yield name, tuple(st.get_slice(name).get_shape())
 
 
+# safetensors dtype names -> ours; float64 checkpoints are loaded as float32
+_FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
+
+
+def stored_dtype(files: list[Path]) -> str:
+    """The floating-point dtype most of a checkpoint's parameters are stored in, read from
+    the files' headers ("auto"). Not config.json's torch_dtype: gemma-2's says float32
+    while its weights are bfloat16, and loading them as float32 doubles the memory."""
+    counts: dict[str, int] = {}
+    for f in files:
+        with _opened(f) as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                ours = _FLOAT_DTYPES.get(sl.get_dtype())
+                if ours is not None:
+                    counts[ours] = counts.get(ours, 0) + int(np.prod(sl.get_shape(), dtype=np.int64))
+    return max(counts, key=counts.get) if counts else "float32"
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """Stream tensors shard by shard (memory-mapped, one tensor materialised at a time)."""
     from safetensors import SafetensorError
@@ -160,8 +179,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         kind = type(err).__name__
         raise CCAError(
             f"cannot download {repo_id!r} from the Hugging Face hub ({kind}): check the id, your "
-            f"network and access (gated models need `huggingface-cli login` or HF_TOKEN), or pass "
-            f"a local directory or .gguf file"
+            f"network and access (gated models: accept the licence on the model page, then `hf auth login` "
+            f"or set HF_TOKEN), or pass a local directory or .gguf file"
         ) from None
     return Path(path)
 
@@ -195,11 +214,61 @@ def hf_state_dict(cfg: ModelConfig, params: dict, dtype) -> list[tuple[str, np.n
     return out
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(directory: str | os.PathLike | None) -> dict | None:
+    """A model directory's ``generation_config.json`` (e.g. gemma-2's EOS ids 1 and 107),
+    or None when there is none."""
+    if directory is None:
+        return None
+    path = Path(directory) / GENERATION_CONFIG
+    if not path.is_file():
+        return None
+    return _read_json_dict(path)
+
+
+def source_generation_config(source: str) -> dict | None:
+    """The generation_config.json of a model source: a Hugging Face directory, or a hub
+    id already downloaded into the hub cache (GGUF files and model YAMLs have none)."""
+    p = Path(os.path.expanduser(source))
+    if p.is_dir():
+        return read_generation_config(p)
+    if p.exists():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return read_generation_config(snapshot_download(source, local_files_only=True))
+    except Exception:  # not a hub id, or not cached: the config's token ids will do
+        return None
+
+
+def generation_config(cfg: ModelConfig, tokenizer=None, source: dict | None = None):
+    """A transformers GenerationConfig: the source checkpoint's own when there is one,
+    else the special token ids of the config (EOS also the tokenizer's)."""
+    import transformers
+
+    if source is not None:
+        return transformers.GenerationConfig.from_dict(source)
+    eos = cfg.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or ())
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in ids:
+        ids.append(tok_eos)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+    kw = {"bos_token_id": cfg.bos_token_id, "pad_token_id": pad,
+          "eos_token_id": ids[0] if len(ids) == 1 else (ids or None)}
+    return transformers.GenerationConfig(**{k: v for k, v in kw.items() if v is not None})
+
+
 def write(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, dtype, tokenizer=None,
-          max_shard_bytes: int = 2 * 1024**3) -> Path:
+          max_shard_bytes: int = 2 * 1024**3, generation: dict | None = None) -> Path:
     """Write an HF directory atomically: into a scratch sibling that then takes the
     target's place (``atomic.directory``: only a new path, an empty folder or an earlier
-    export is replaced; killed, nothing is left behind)."""
+    export is replaced; killed, nothing is left behind). It holds config.json,
+    generation_config.json (``generation``: the source's, else from the config), the
+    weights, and the tokenizer with its chat template when ``tokenizer`` is given."""
     from safetensors.numpy import save_file
 
     out = Path(os.path.expanduser(out_dir))
@@ -207,6 +276,7 @@ def write(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, dtype, tok
         hf_cfg = config_lib.to_hf(cfg)
         hf_cfg.dtype = str(np.dtype(jax.numpy.dtype(dtype)))
         hf_cfg.save_pretrained(str(tmp))
+        generation_config(cfg, tokenizer, generation).save_pretrained(str(tmp))
         shards = _shard(hf_state_dict(cfg, params, dtype), max_bytes=max_shard_bytes)
         if len(shards) == 1:
             save_file(dict(shards[0]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
