@@ -9,6 +9,7 @@ message naming the field, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from typing import Any, Mapping
 
@@ -267,12 +268,55 @@ def family_of(model_type: str) -> str:
     return _MODEL_TYPES[model_type]
 
 
-def from_hf(hf_config: Any) -> ModelConfig:
-    """Build a ModelConfig from a ``transformers`` config (object or dict, v5 field names)."""
+# the attributes of a transformers config that from_hf reads
+_HANDLED = frozenset({
+    "model_type", "num_hidden_layers", "num_attention_heads", "hidden_size", "head_dim", "num_key_value_heads",
+    "hidden_activation", "hidden_act", "use_bidirectional_attention", "layer_types", "use_sliding_window",
+    "sliding_window", "max_window_layers", "sliding_window_pattern", "rope_parameters", "rope_scaling",
+    "rope_theta", "rope_local_base_freq", "attention_bias", "mlp_bias", "vocab_size", "intermediate_size",
+    "rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+})
+# attributes that do not change the decoder's forward pass: bookkeeping, training-only
+# (dropout, init), transformers' own execution choices (pretraining_tp splits the same
+# matmuls; cache_implementation picks a cache class); plus every field of transformers'
+# base PretrainedConfig and GenerationConfig (older config.json files carry generation
+# settings), added in _ignored()
+_IGNORED = frozenset({
+    "architectures", "attention_dropout", "initializer_range", "use_cache", "dtype", "torch_dtype",
+    "transformers_version", "pretraining_tp", "cache_implementation", "auto_map", "tokenizer_class",
+})
+
+
+@functools.cache
+def _ignored() -> frozenset:
+    import transformers
+
+    base = set(transformers.PretrainedConfig().to_dict()) | set(transformers.GenerationConfig().to_dict())
+    return frozenset(base - _HANDLED) | _IGNORED
+
+
+def unknown_attributes(hf_config: Any) -> list[str]:
+    """Attributes of a transformers config (object or dict) that from_hf neither reads nor
+    knows to be irrelevant to the forward pass."""
+    keys = hf_config.keys() if isinstance(hf_config, Mapping) else hf_config.to_dict().keys()
+    return sorted(k for k in keys if not k.startswith("_") and k not in _HANDLED and k not in _ignored())
+
+
+def from_hf(hf_config: Any, strict: bool = True) -> ModelConfig:
+    """Build a ModelConfig from a ``transformers`` config (object or dict, v5 field names).
+
+    strict: an attribute that is neither read here nor known to leave the forward pass
+    alone (``_HANDLED`` / ``_IGNORED``) is an error naming it, rather than silently
+    dropped (a quantization_config, a new attention variant)."""
     model_type = _get(hf_config, "model_type")
     if model_type == "gemma3" and _get(hf_config, "text_config") is not None:
         hf_config = _get(hf_config, "text_config")  # multimodal wrapper: the text decoder only
     family = family_of(model_type)
+    if strict and (unknown := unknown_attributes(hf_config)):
+        raise UnsupportedConfigError(
+            f"{model_type} config attribute(s) {', '.join(unknown)} are not supported (cca_jax would ignore what "
+            f"they change); pass strict=False to config.from_hf to load anyway")
 
     def size(field, default=None):
         value = _get(hf_config, field)
@@ -295,12 +339,11 @@ def from_hf(hf_config: Any) -> ModelConfig:
     for field in ("use_bidirectional_attention",):
         if _get(hf_config, field):
             raise UnsupportedConfigError(f"unsupported config field {field}=True")
-    if _get(hf_config, "pretraining_tp", 1) not in (1, None):
-        pass  # only affects how transformers splits matmuls; numerically irrelevant here
-
     layer_types = _get(hf_config, "layer_types")
     if family == "qwen2" and not _get(hf_config, "use_sliding_window", False):
         layer_types = None  # qwen2 lists layer types but ignores them without use_sliding_window
+    if model_type == "mistral" and layer_types is None and _get(hf_config, "sliding_window") is not None:
+        layer_types = ["sliding_attention"] * n_layers  # Mistral: one window on every layer
     sliding = tuple(t == "sliding_attention" for t in layer_types) if layer_types else ()
     for t in layer_types or ():
         if t not in ("sliding_attention", "full_attention"):

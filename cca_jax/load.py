@@ -25,7 +25,7 @@ from cca_jax.weights import sharding as sharding_lib
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Hub ids are "owner/name"; anything else that does not exist is a missing path."""
     return source.endswith(".gguf") or not _HUB_ID.match(source)
 
@@ -61,7 +61,7 @@ def _resolve_dtype(dtype, stored: str):
     return config_lib.parse_dtype(stored if _is_auto(dtype) else dtype)
 
 
-def _local(src: str) -> Path:
+def local_path(src: str) -> Path:
     """``src`` as a path: as given if it exists, else a model YAML the package carries
     (``configs/models/gemma-2-2b.yaml`` works from any folder)."""
     path = Path(os.path.expanduser(src))
@@ -100,9 +100,9 @@ def load_model(
         config_lib.parse_dtype(dtype)  # a bad dtype fails before any download or read
     config_lib.check_attention(attention)
     src = str(source)
-    path = _local(src)
+    path = local_path(src)
     if not path.exists():
-        if _looks_like_path(src):
+        if looks_like_path(src):
             raise CCAError(f"no such file or directory: {src}")
         path = hf_lib.download(src, revision=revision)
     put = _placer(mesh)
@@ -118,7 +118,7 @@ def load_model(
     if path.is_file():
         if path.suffix != ".gguf":
             raise CCAError(f"{path}: not a model: pass a Hugging Face directory, a hub id or a .gguf file")
-        reader = gguf_lib._reader(path)
+        reader = gguf_lib.reader(path)
         hf_cfg, arch = gguf_lib.hf_config(reader, path)
         cfg = config_lib.from_hf(hf_cfg)
         assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))

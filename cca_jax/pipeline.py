@@ -90,6 +90,9 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
     sharded over a mesh) that ``config.model`` names; loaded from ``config.model`` when
     None. ``on_amplify_step(step)`` is called after every amplification or fine-tuning
     step."""
+    from cca_jax import preflight
+
+    preflight.check(config, run_dir)  # data, extras, output dir, model source: before any work
     run_dir = stages.prepare_run_dir(run_dir)
     with stages.RunLock(run_dir):
         return _run(config, run_dir, model, tokenizer, progress, on_amplify_step, log)
@@ -313,11 +316,7 @@ def _find_circuit(r: _Run, d: Path, examples) -> None:
 
 def _like_mask(like: str) -> dict:
     """random.like: a run directory's circuit, or a mask.npz."""
-    p = Path(like)
-    f = p / "stages" / "circuit" / "mask.npz" if p.is_dir() else p
-    if not f.is_file():
-        raise CCAError(f"random.like: {like} holds no circuit (stages/circuit/mask.npz): finish that run first")
-    return components.load(f)
+    return components.load(components.circuit_file(like))
 
 
 def _faithfulness(r: _Run, circ_key, examples, mask) -> dict:

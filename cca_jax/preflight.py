@@ -76,13 +76,14 @@ def _data(config, run_dir) -> None:
 def _random_like(config, run_dir) -> None:
     """``localize: random`` with ``random.like``: the run (or mask.npz) whose circuit sizes
     it copies exists and holds a circuit."""
-    like = getattr(getattr(config, "random", None), "like", None)
-    if config.localize != "random" or like is None:
-        return
-    p = Path(like)
-    f = p / "stages" / "circuit" / "mask.npz" if p.is_dir() else p
-    if not f.is_file():
-        raise CCAError(f"random.like: {like} holds no circuit (stages/circuit/mask.npz): finish that run first")
+    like = config.random.like
+    if config.localize == "random" and like is not None:
+        from cca_jax.cca.components import circuit_file
+
+        try:
+            circuit_file(like)
+        except CCAError as err:
+            raise CCAError(f"random.like: {err}") from None
 
 
 def _side_effects(config, run_dir) -> None:
@@ -103,13 +104,13 @@ def _model(config, run_dir) -> None:
     if m in models.names():
         models.resolve(m)
         return
-    from cca_jax.load import _local, _looks_like_path
+    from cca_jax.load import local_path, looks_like_path
 
-    if _local(m).exists():
+    if local_path(m).exists():
         if m.endswith((".yaml", ".yml")) and config.tokenizer != "char":
             raise CCAError(f"model {m}: a model YAML has random weights and no tokenizer: set tokenizer: char")
         return
-    if _looks_like_path(m):
+    if looks_like_path(m):
         raise CCAError(f"model {m}: no such file or directory (give a Hugging Face directory, a hub id such as "
                        f"google/gemma-2-2b-it, a .gguf file, a model YAML or one of {', '.join(models.names())})")
     if _hub_offline():

@@ -73,7 +73,7 @@ def read_only(path: Path, monkeypatch) -> None:
     ("data.seed=-1", "data.seed must be >= 0, got -1"),
     ("data.per_template=0", "data.per_template must be >= 1"),
     ("data.template_ids=[]", "data.template_ids is empty"),
-    ("localize=dcmm", "localize must be one of dcm, patching, attribution, got 'dcmm'"),
+    ("localize=dcmm", "localize must be one of dcm, patching, attribution, random, got 'dcmm'"),
     ("patching.mode=ones", "patching.mode must be one of zero, mean, counterfactual"),
     ("patching.by=pos", "patching.by must be one of neg, abs"),
     ("patching.fraction=1.5", "patching.fraction must be <= 1"),

@@ -145,6 +145,15 @@ def random_fraction(cfg: ModelConfig, fraction: float, seed: int) -> dict:
     return random_like(counts, seed)
 
 
+def circuit_file(run_or_mask: str | os.PathLike) -> Path:
+    """A run directory's circuit (stages/circuit/mask.npz), or a mask.npz given directly."""
+    p = Path(run_or_mask)
+    f = p / "stages" / "circuit" / "mask.npz" if p.is_dir() else p
+    if not f.is_file():
+        raise CCAError(f"{run_or_mask} holds no circuit (stages/circuit/mask.npz): finish that run first")
+    return f
+
+
 def save(mask: dict, path: str | os.PathLike) -> Path:
     """npz (no pickle), written atomically."""
     p = Path(path)

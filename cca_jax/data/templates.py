@@ -750,7 +750,7 @@ def _pool(step: _Step, ctx: _Ctx) -> list:
         return []
     v = unwrap(v) if not isinstance(v, Labeled) else [v]
     if isinstance(v, (list, tuple, range)):
-        return [vocab._lab(x) for x in list(v)[:10_000]]
+        return [vocab.labeled(x) for x in list(v)[:10_000]]
     return [v]
 
 
@@ -979,7 +979,7 @@ def _fixed_pool(tid, a: Assignment, fn, pool, tree):
         return None
     if len(seq) == 0:
         raise _fail(tid, "samples from an empty list", a.expr)
-    return seq if isinstance(seq, range) else [vocab._lab(x) for x in seq]
+    return seq if isinstance(seq, range) else [vocab.labeled(x) for x in seq]
 
 
 def _assign(t: Template, step: _Step, ctx: _Ctx) -> None:
@@ -992,7 +992,7 @@ def _assign(t: Template, step: _Step, ctx: _Ctx) -> None:
         if not isinstance(v, (list, tuple)) or len(v) != len(step.targets):
             raise ValueError(f"needs {len(step.targets)} values")
         for name, x in zip(step.targets, v):
-            ctx.vars[name] = vocab._lab(x)
+            ctx.vars[name] = vocab.labeled(x)
     except (_Unbound, *_RUNTIME_ERRORS) as e:
         raise _fail(t.id, f"#init failed ({_why(e)})", ", ".join(step.targets) + " = ...") from None
 

@@ -93,7 +93,7 @@ def number_to_words(n: int) -> str:
 
 # ---------------------------------------------------------------- helpers templates call
 
-def _lab(x: Any) -> Any:
+def labeled(x: Any) -> Any:
     """A sampled ("label", value) pair becomes a Labeled; anything else is returned as is.
     A list is no label (printing a large one would take long)."""
     if isinstance(x, tuple) and len(x) == 2 and not isinstance(x[1], (str, tuple, list)) \
@@ -128,7 +128,7 @@ def pick(rng: RandomStream, seq) -> Any:
     seq = _seq(seq)
     if len(seq) == 0:
         raise TemplateValueError("cannot pick from an empty list")
-    return _lab(seq[rng.index(len(seq))])
+    return labeled(seq[rng.index(len(seq))])
 
 
 def _positions(rng: RandomStream, n: int, k: int) -> list[int]:
@@ -150,7 +150,7 @@ def sample(rng, seq, k=None):
     seq, k = _seq(seq), _num(k)
     if not isinstance(k, int) or not 0 <= k <= len(seq):
         raise TemplateValueError(f"cannot sample {k} of {len(seq)} elements")
-    return [_lab(seq[i]) for i in _positions(rng, len(seq), k)]
+    return [labeled(seq[i]) for i in _positions(rng, len(seq), k)]
 
 
 def sample_sequential(rng, seq, k):
@@ -163,7 +163,7 @@ def sample_sequential(rng, seq, k):
     if not isinstance(k, int) or not 0 < k <= len(seq):
         raise TemplateValueError(f"cannot take {k} consecutive of {len(seq)} elements")
     start = rng.index(len(seq))
-    return [_lab(seq[(start + i) % len(seq)]) for i in range(k)]
+    return [labeled(seq[(start + i) % len(seq)]) for i in range(k)]
 
 
 def shuffle_list(rng, seq):

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from cca_jax import atomic
 from cca_jax.errors import CCAError
-from cca_jax.evaluate import tasks
+from cca_jax.evaluate.task_data import DATA_OF_TASK, LETTERS
 
 ENV_CACHE = "CCA_JAX_HUB_EVAL_CACHE"
 # task folder -> (dataset repo, parquet file prefixes to read, by split)
@@ -32,7 +32,7 @@ SOURCES = {
     "triviaqa": ("mandarjoshi/trivia_qa", {"validation": "rc.nocontext/validation-"}),
     "gsm8k": ("openai/gsm8k", {"test": "main/test-"}),
 }
-FOLDER_OF_TASK = tasks.DATA_OF_TASK
+FOLDER_OF_TASK = DATA_OF_TASK
 
 Rows = list[dict]
 Fetch = Callable[[str, str], Rows]  # (repo, file prefix) -> rows of the matching parquet files
@@ -81,7 +81,7 @@ def _write_mmlu(root: Path, fetch: Fetch) -> None:
             choices = list(r["choices"])
             if len(choices) != 4 or not 0 <= int(r["answer"]) < 4:
                 raise CCAError(f"{repo}: a row of {r.get('subject')} does not have 4 choices and an answer 0-3")
-            by_subject.setdefault(r["subject"], []).append([r["question"], *choices, tasks.LETTERS[int(r["answer"])]])
+            by_subject.setdefault(r["subject"], []).append([r["question"], *choices, LETTERS[int(r["answer"])]])
         for subject, rows in by_subject.items():
             atomic.write_text(root / "mmlu" / split / f"{subject}_{split}.csv", _csv_text(rows))
 

@@ -43,17 +43,14 @@ import numpy as np
 
 from cca_jax.errors import CCAError
 from cca_jax.evaluate import loglik
+from cca_jax.evaluate.task_data import DATA_OF_TASK, LETTERS  # noqa: F401 (re-exported)
 
 TASKS = ("mmlu_5shot", "truthfulqa_mc1", "truthfulqa_mc2", "triviaqa_5shot", "gsm8k_cot_8shot")
 # earlier names, now refused with the new one: they were lm-eval's names for other protocols
 RENAMED = {"mmlu": "mmlu_5shot", "triviaqa": "triviaqa_5shot", "gsm8k": "gsm8k_cot_8shot"}
-# the data folder (and ``prepare``'s key) each task reads
-DATA_OF_TASK = {"mmlu_5shot": "mmlu", "truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa",
-                "triviaqa_5shot": "triviaqa", "gsm8k_cot_8shot": "gsm8k"}
 ENV_DATA = "CCA_JAX_EVAL_DATA"
 HUB = "hub"  # --data-dir value: download the data once (evaluate/hub_data.py)
 DEFAULT_DATA = Path("..") / "shared" / "data" / "eval"
-LETTERS = ("A", "B", "C", "D")
 
 # the six primer Q/A pairs of the TruthfulQA paper (its "QA" preset), as lm-eval uses them
 TRUTHFULQA_PRIMER = (

@@ -37,7 +37,7 @@ _KEYS = {
 }
 
 
-def _reader(path: Path):
+def reader(path: Path):
     try:
         import gguf
     except ImportError:
@@ -105,8 +105,7 @@ def hf_config(reader, path: Path):
 
 
 def read_config(path: Path) -> tuple[ModelConfig, Any]:
-    reader = _reader(path)
-    hf_cfg, _ = hf_config(reader, path)
+    hf_cfg, _ = hf_config(reader(path), path)
     return config_lib.from_hf(hf_cfg), hf_cfg
 
 
