@@ -5,6 +5,7 @@ stands in for the hub model), and its hints name commands that exist."""
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import cca_jax
@@ -41,6 +42,20 @@ def test_python_api_snippets_run_on_the_tiny_model(tmp_path, monkeypatch):
     assert set(ns["res"].mask) == {"q", "k", "v", "mlp"}
     assert (tmp_path / "out" / "tiny-amplified" / "generation_config.json").exists()
     assert ns["amplified"].config == ns["model"].config
+
+    # "Train the circuit in your own loop", on the run above: only circuit rows moved
+    (block,) = re.findall(r"```python\n(.*?)```", _section("Train the circuit in your own loop"), re.S)
+    exec(compile(block, "README.md: circuit loop", "exec"), ns)
+    from cca_jax.cca import components
+
+    rows = components.update_masks(ns["mask"], ns["params0"])
+    moved = 0
+    for before, after, r in zip(jax.tree.leaves(ns["params0"]), jax.tree.leaves(ns["params"]),
+                                jax.tree.leaves(rows, is_leaf=lambda x: x is None)):
+        keep = np.ones(before.shape, bool) if r is None else ~np.broadcast_to(np.asarray(r) != 0, before.shape)
+        assert np.array_equal(np.asarray(before)[keep], np.asarray(after)[keep])
+        moved += int(np.any(np.asarray(before) != np.asarray(after)))
+    assert moved > 0 and np.isfinite(float(ns["loss"]))
 
 
 def test_hints_name_commands_that_exist():
