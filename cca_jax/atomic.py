@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import re
@@ -23,6 +22,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from cca_jax.errors import CCAError
+
+try:  # POSIX: a lock tells a live writer's scratch folder from an abandoned one
+    import fcntl
+except ImportError:  # Windows: abandoned scratch folders are never recognised (never deleted)
+    fcntl = None
 
 # Every directory ``directory`` writes carries this file: it is how a later export knows
 # the folder is one of its own (and may replace it) and what it holds.
@@ -198,7 +202,8 @@ def _start_marker(scratch: Path) -> int:
     """Create the scratch directory's marker and hold a lock on it while writing: a lock
     that no process holds means its writer is gone."""
     fd = os.open(scratch / MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
     os.write(fd, json.dumps({"format": _FORMAT, "version": _VERSION, "complete": False}).encode())
     return fd
 
@@ -234,7 +239,7 @@ def _abandoned(folder: Path) -> str | None:
     """"partial" or "complete" for a scratch directory whose writer is gone; None for one
     still being written or one that is not ours (no marker)."""
     marker = folder / MARKER
-    if marker.is_symlink() or not marker.is_file():
+    if fcntl is None or marker.is_symlink() or not marker.is_file():
         return None
     try:
         fd = os.open(marker, os.O_RDONLY)

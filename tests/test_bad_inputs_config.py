@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tiny
 from cca_jax import cli, paths, pipeline, runconfig
 from cca_jax.cca.amplify import AmplifyConfig
 from cca_jax.errors import CCAError
@@ -32,17 +33,10 @@ def fails(capsys, argv, *expected) -> str:
     """Run the CLI in-process: exit 2, exactly one stderr line ``cca-jax: error: ...``
     holding every ``expected`` text, no traceback; returns the line."""
     t0 = time.perf_counter()
-    code = cli.main(argv)
+    line = tiny.cli_error(capsys, argv, *expected)
     elapsed = time.perf_counter() - t0
-    cap = capsys.readouterr()
-    lines = cap.err.splitlines()
-    assert code == 2, cap.err
-    assert len(lines) == 1 and lines[0].startswith("cca-jax: error: "), cap.err
-    assert "Traceback" not in cap.err + cap.out
-    for text in expected:
-        assert text in lines[0], lines[0]
     assert elapsed < 1.0, f"{argv}: took {elapsed:.2f} s: checked after some work"
-    return lines[0]
+    return line
 
 
 def read_only(path: Path, monkeypatch) -> None:

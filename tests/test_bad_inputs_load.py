@@ -12,18 +12,14 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+import tiny
 from cca_jax import atomic, cli
 
 TINY_YAML = str(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny-llama.yaml")
 
 
 def one_line_error(argv, capsys) -> str:
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.startswith("cca-jax: error: "), err
-    return err
+    return tiny.cli_error(capsys, argv)
 
 
 def snapshot(folder: Path) -> list:
@@ -185,28 +181,7 @@ def test_config_that_does_not_match_the_weights(tmp_path, hf_dirs, capsys):
 
 
 def write_gguf(path: Path, up_shape=(16, 8)) -> Path:
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(32)
-    rng = np.random.default_rng(0)
-    for name, shape in [("token_embd.weight", (32, 8)), ("output_norm.weight", (8,)),
-                        ("blk.0.attn_norm.weight", (8,)), ("blk.0.ffn_norm.weight", (8,)),
-                        ("blk.0.attn_q.weight", (8, 8)), ("blk.0.attn_k.weight", (4, 8)),
-                        ("blk.0.attn_v.weight", (4, 8)), ("blk.0.attn_output.weight", (8, 8)),
-                        ("blk.0.ffn_gate.weight", (16, 8)), ("blk.0.ffn_up.weight", up_shape),
-                        ("blk.0.ffn_down.weight", (8, 16))]:
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return tiny.write_gguf(path, up_shape=up_shape)
 
 
 def test_gguf_transposed_tensor_is_refused(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cca_jax import cli
+import tiny
 from cca_jax.data import templates as tpl
 from cca_jax.data import vocab
 
@@ -50,18 +50,11 @@ def listing(root: Path) -> dict:
 def fails(capsys, tmp_path, argv, *names) -> str:
     """Run the CLI; check exit 2, one error line naming ``names``, no traceback, no output."""
     before = listing(tmp_path)
-    rc = cli.main(argv)
-    cap = capsys.readouterr()
-    assert rc == 2, cap
-    lines = cap.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cca-jax: error: "), cap.err
-    assert "Traceback" not in cap.err + cap.out
-    for n in names:
-        assert n in lines[0], (n, lines[0])
+    line = tiny.cli_error(capsys, argv, *names)
     assert listing(tmp_path) == before  # nothing written, nothing deleted
     out = Path(argv[argv.index("--out") + 1])
     assert not out.exists() and not out.parent.exists()
-    return lines[0]
+    return line
 
 
 def data_cli(capsys, tmp_path, content, *names, name="0077.json") -> str:

@@ -62,7 +62,7 @@ def test_pipeline_side_effects_stage(tmp_path):
     mc = [{"question": f"q{i}?", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 0, "c": 0}}
           for i in range(4)]
     (data / "mc_task.json").write_text(json.dumps(mc))
-    cfg = runconfig.load("configs/tiny.yaml", [f"side_effects.tasks=[truthfulqa_mc1, truthfulqa_mc2]",
+    cfg = runconfig.load("configs/tiny.yaml", ["side_effects.tasks=[truthfulqa_mc1, truthfulqa_mc2]",
                                                f"side_effects.data_dir={tmp_path / 'eval'}", "amplify.steps=2",
                                                "amplify.eval_steps=[2]", "dcm.epochs=1"])
     s = pipeline.run(cfg, tmp_path / "run", progress=False, log=lambda *_: None)

@@ -4,47 +4,19 @@ import json
 import subprocess
 import sys
 
-import gguf
-import numpy as np
 import pytest
 
 import cca_jax
+import tiny
 from cca_jax import cli
 from cca_jax.errors import CCAError
 
 
-def write_gguf(path, extra_tensor=None, arch="llama"):
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(32)
-    rng = np.random.default_rng(0)
-    for name, shape in [("token_embd.weight", (32, 8)), ("output_norm.weight", (8,)),
-                        ("blk.0.attn_norm.weight", (8,)), ("blk.0.ffn_norm.weight", (8,)),
-                        ("blk.0.attn_q.weight", (8, 8)), ("blk.0.attn_k.weight", (4, 8)),
-                        ("blk.0.attn_v.weight", (4, 8)), ("blk.0.attn_output.weight", (8, 8)),
-                        ("blk.0.ffn_gate.weight", (16, 8)), ("blk.0.ffn_up.weight", (16, 8)),
-                        ("blk.0.ffn_down.weight", (8, 16))] + ([extra_tensor] if extra_tensor else []):
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+write_gguf = tiny.write_gguf
 
 
 def one_line_error(argv, capsys):
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("cca-jax: error: ")
-    return err
+    return tiny.cli_error(capsys, argv)
 
 
 def test_valid_tiny_gguf_loads(tmp_path):

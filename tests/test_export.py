@@ -21,7 +21,7 @@ from safetensors import safe_open
 import cca_jax
 from cca_jax import atomic, cli
 import tiny
-from test_parity import TOL, hf_logits
+from tiny import TOL, hf_logits
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

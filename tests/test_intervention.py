@@ -8,7 +8,7 @@ import torch
 
 import cca_jax
 import tiny
-from test_parity import TOL, hf_logits
+from tiny import TOL, hf_logits
 
 
 @pytest.mark.parametrize("family", ["qwen2", "olmo2", "gemma3"])

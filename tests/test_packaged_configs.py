@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import tiny
 from cca_jax import cli, preflight, runconfig
 from cca_jax.errors import CCAError
 
@@ -13,13 +14,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def fails(capsys, argv, *expected):
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("cca-jax: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for e in expected:
-        assert e in err, (e, err)
-    return err
+    return tiny.cli_error(capsys, argv, *expected)
 
 
 def test_configs_by_name_from_another_folder(tmp_path, monkeypatch):

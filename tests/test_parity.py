@@ -3,18 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import cca_jax
 import tiny
 
-TOL = 1e-4
-
-
-def hf_logits(model, ids, attention_mask=None):
-    with torch.no_grad():
-        kw = {} if attention_mask is None else {"attention_mask": torch.as_tensor(attention_mask)}
-        return model(torch.as_tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+TOL, hf_logits = tiny.TOL, tiny.hf_logits
 
 
 def hf_projections(model, ids):

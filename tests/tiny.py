@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random transformers models of every family (built in the
-test process), localization examples and circuits for them, the tiny run config."""
+test process), a tiny GGUF file, localization examples and circuits for them, the tiny run
+config, logits of transformers models, and the check that a CLI error is one line."""
 
 from __future__ import annotations
 
@@ -86,3 +87,58 @@ def small_mask(cfg):
     m = {k: np.zeros(s, bool) for k, s in components.shapes(cfg).items()}
     m["q"][0, 1] = m["k"][1, 0] = m["v"][2, 1] = m["mlp"][1, 3] = True
     return m
+
+
+TOL = 1e-4  # float32 logits against transformers
+
+
+def hf_logits(model, ids, attention_mask=None):
+    with torch.no_grad():
+        kw = {} if attention_mask is None else {"attention_mask": torch.as_tensor(attention_mask)}
+        return model(torch.as_tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+
+
+def write_gguf(path, extra_tensor=None, arch: str = "llama", up_shape=(16, 8)):
+    """A 1-layer GGUF file (float32 tensors) of ``arch``; ``up_shape`` (16, 8) is the
+    layout the reader expects, ``extra_tensor`` a (name, shape) added to it."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(32)
+    rng = np.random.default_rng(0)
+    for name, shape in [("token_embd.weight", (32, 8)), ("output_norm.weight", (8,)),
+                        ("blk.0.attn_norm.weight", (8,)), ("blk.0.ffn_norm.weight", (8,)),
+                        ("blk.0.attn_q.weight", (8, 8)), ("blk.0.attn_k.weight", (4, 8)),
+                        ("blk.0.attn_v.weight", (4, 8)), ("blk.0.attn_output.weight", (8, 8)),
+                        ("blk.0.ffn_gate.weight", (16, 8)), ("blk.0.ffn_up.weight", up_shape),
+                        ("blk.0.ffn_down.weight", (8, 16))] + ([extra_tensor] if extra_tensor else []):
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def cli_error(capsys, argv, *expected) -> str:
+    """Run the CLI in-process: exit 2, exactly one stderr line ``cca-jax: error: ...``
+    holding every ``expected`` text, no traceback; returns the line."""
+    from cca_jax import cli
+
+    code = cli.main(argv)
+    cap = capsys.readouterr()
+    lines = cap.err.splitlines()
+    assert code == 2, cap.err
+    assert len(lines) == 1 and lines[0].startswith("cca-jax: error: "), cap.err
+    assert "Traceback" not in cap.err + cap.out
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
