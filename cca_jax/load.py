@@ -124,7 +124,7 @@ def load_model(
         assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
         dt = _resolve_dtype(dtype, _gguf_dtype(reader) if _is_auto(dtype) else "float32")
         params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
-        tok = gguf_lib.load_tokenizer(path) if with_tokenizer else None
+        tok = gguf_lib.load_tokenizer(path, reader) if with_tokenizer else None
     else:
         cfg, _ = hf_lib.read_config(path)
         files = hf_lib.weight_files(path)

@@ -26,3 +26,14 @@ def hf_dirs(tmp_path_factory):
         m.save_pretrained(d)
         out[fam] = (m, d)
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Each test module's compiled programs and arrays are dropped after it: a whole
+    session in one process otherwise keeps thousands of XLA executables alive."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()

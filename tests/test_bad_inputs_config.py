@@ -3,7 +3,6 @@ line ``cca-jax: error: ...`` before any work, and nothing is written."""
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,10 @@ def no_pipeline(monkeypatch):
 
 def fails(capsys, argv, *expected) -> str:
     """Run the CLI in-process: exit 2, exactly one stderr line ``cca-jax: error: ...``
-    holding every ``expected`` text, no traceback; returns the line."""
-    t0 = time.perf_counter()
-    line = tiny.cli_error(capsys, argv, *expected)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, f"{argv}: took {elapsed:.2f} s: checked after some work"
-    return line
+    holding every ``expected`` text, no traceback; returns the line. That it is refused
+    before any work is the ``no_pipeline`` fixture's check (not a wall-clock bound, which
+    a loaded CI machine would break)."""
+    return tiny.cli_error(capsys, argv, *expected)
 
 
 def read_only(path: Path, monkeypatch) -> None:

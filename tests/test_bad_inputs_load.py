@@ -255,7 +255,7 @@ def test_bad_config_numbers_are_one_line_and_fast(tmp_path, hf_dirs, capsys, fie
     edit_config(d, **fields)
     t0 = time.perf_counter()
     err = one_line_error(["info", str(d)], capsys)
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # bounded (hours or no end without the limit), with room for a slow machine
     assert words in err
 
 
@@ -314,7 +314,7 @@ def test_gguf_bad_metadata_is_one_line_and_fast(tmp_path, capsys, fields, words)
     path = header_only_gguf(tmp_path / "bad.gguf", **fields)
     t0 = time.perf_counter()
     err = one_line_error(["info", str(path)], capsys)
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # bounded (hours or no end without the limit), with room for a slow machine
     assert words in err
 
 

@@ -98,7 +98,7 @@ def test_nested_values_are_bounded_before_they_are_built(capsys, tmp_path, small
         d = template(cond=expr)
     t0 = time.perf_counter()
     data_cli(capsys, tmp_path, d, "template 77", "value too large")
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # bounded (hours or no end without the limit), with room for a slow machine
 
 
 @pytest.mark.parametrize("answer_text", [
@@ -123,7 +123,7 @@ def test_rejection_sampling_stops_at_the_time_limit(capsys, tmp_path, small_budg
     t0 = time.perf_counter()
     msg = data_cli(capsys, tmp_path, d, "template 77", f"longer than {SECONDS} s", tpl.SECONDS_ENV)
     assert "making 2 instances" in msg
-    assert time.perf_counter() - t0 < 10  # about 2 hours without the limit
+    assert time.perf_counter() - t0 < 60  # bounded (hours or no end without the limit), with room for a slow machine  # about 2 hours without the limit
 
 
 def test_slow_constants_stop_parsing_at_the_time_limit(capsys, tmp_path, small_budget):
@@ -131,7 +131,7 @@ def test_slow_constants_stop_parsing_at_the_time_limit(capsys, tmp_path, small_b
     t0 = time.perf_counter()
     data_cli(capsys, tmp_path, template(extra=slow), "0077.json", "template 77", "parsing it",
              f"longer than {SECONDS} s")
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60  # bounded (hours or no end without the limit), with room for a slow machine
 
 
 def test_the_time_limit_must_be_a_positive_number(capsys, tmp_path, monkeypatch):

@@ -120,3 +120,33 @@ def test_chat_template_prompt(both):
     text = tok.decode(chat)
     assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
     assert tok.decode(plain) in text and len(chat) > len(plain)
+
+
+def test_tokenizer_from_the_parsed_reader_equals_transformers(both):
+    """load_model parses the GGUF once and hands that reader to transformers' tokenizer
+    converter: the same tokenizer as ``AutoTokenizer(gguf_file=...)``'s own parse."""
+    _, tok, _, ref_tok = both
+    assert type(tok) is type(ref_tok)
+    assert tok.get_vocab() == ref_tok.get_vocab()
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.chat_template) == (
+        ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token, ref_tok.chat_template)
+    text = "Janet's ducks lay 16 eggs. 16 - 3 - 4 = <<16-3-4=9>>9 \u00e9\u65e5 <|im_end|>\n#### 9"
+    assert tok(text).input_ids == ref_tok(text).input_ids
+
+
+def test_fast_reader_reads_what_gguf_reads(smollm2_path):
+    """Our reader (plain-array slicing) against gguf's own: every field and tensor."""
+    import gguf
+
+    from cca_jax.weights import gguf as gguf_lib
+
+    ours, theirs = gguf_lib.reader(smollm2_path), gguf.GGUFReader(str(smollm2_path))
+    assert type(ours) is not gguf.GGUFReader  # the fast path is the one tested
+    assert list(ours.fields) == list(theirs.fields)
+    for name, f in theirs.fields.items():
+        g = ours.fields[name]
+        assert (g.offset, g.types, g.data) == (f.offset, f.types, f.data), name
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(g.parts, f.parts)), name
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, list(t.shape), t.data_offset) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
