@@ -77,6 +77,19 @@ def test_train_mask_binary_clamped_and_stops(hf_dirs):
     assert dcm.patience_for(26) == 5 and dcm.patience_for(4) == 0 and dcm.patience_for(26, "fixed") == 26
 
 
+def test_a_second_train_mask_with_the_same_settings_compiles_no_step(hf_dirs):
+    """A size search or a sweep calls train_mask again: the step is not compiled again."""
+    from cca_jax import timing
+
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    config = dcm.DCMConfig(reg=0.05, batch_size=4, epochs=1, lr=0.05)
+    dcm.train_mask(model, examples(8), config, progress=False)
+    with timing.account() as acc:
+        dcm.train_mask(model, examples(8), config, progress=False)
+    assert acc.compiles == 0
+
+
 def test_fixed_early_stop_waits_for_a_stable_epoch(hf_dirs):
     _, d = hf_dirs["llama"]
     model, _ = cca_jax.load_model(d)

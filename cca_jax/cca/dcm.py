@@ -100,8 +100,14 @@ def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, 
 
 def make_optimizer(config: DCMConfig, batches_per_epoch: int) -> optax.GradientTransformation:
     """Adam with the learning rate times ``lr_decay`` every ``decay_every_epochs`` epochs."""
-    schedule = optax.exponential_decay(config.lr, transition_steps=config.decay_every_epochs * batches_per_epoch,
-                                       decay_rate=config.lr_decay, staircase=True)
+    return _adam(float(config.lr), int(config.decay_every_epochs * batches_per_epoch), float(config.lr_decay))
+
+
+@functools.lru_cache(maxsize=64)
+def _adam(lr: float, transition_steps: int, decay_rate: float) -> optax.GradientTransformation:
+    # one object per setting: mask_step takes the optimizer as a static argument, so a
+    # new object per train_mask call (a size search, a sweep) would compile the step again
+    schedule = optax.exponential_decay(lr, transition_steps=transition_steps, decay_rate=decay_rate, staircase=True)
     return optax.adam(schedule)
 
 
