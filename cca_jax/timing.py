@@ -113,9 +113,9 @@ def fetch(x):
 def cache_dir(setting: str | None) -> Path | None:
     """The persistent compilation cache's directory for a config value: a path, None or
     "off", or "default": $CCA_JAX_COMPILE_CACHE if set ("off" turns it off), else
-    ~/.cache/cca_jax/xla on GPU and TPU and none on the CPU, where writing XLA:CPU
-    executables to the cache crashed the process (a segfault in JAX's cache write, seen
-    on jax 0.10.2); set a directory explicitly to use it there."""
+    ~/.cache/cca_jax/xla on GPU and TPU, none on the CPU (where runs are small and a
+    home-directory cache would grow with every test model); a directory set explicitly
+    is used on the CPU too (the warm-cache test does)."""
     if setting in (None, "off", False):
         return None
     if setting != "default":
