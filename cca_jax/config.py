@@ -285,6 +285,11 @@ _HANDLED = frozenset({
 _IGNORED = frozenset({
     "architectures", "attention_dropout", "initializer_range", "use_cache", "dtype", "torch_dtype",
     "transformers_version", "pretraining_tp", "cache_implementation", "auto_map", "tokenizer_class",
+    # transformers 4.x's base config fields, which config.json files written by 4.x carry
+    # (none is read by a decoder-only causal LM's forward pass)
+    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "add_cross_attention",
+    "cross_attention_hidden_size", "finetuning_task", "is_decoder", "prefix", "pruned_heads",
+    "task_specific_params", "tf_legacy_loss", "tie_encoder_decoder", "torchscript", "use_bfloat16",
 })
 
 

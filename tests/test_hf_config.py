@@ -33,6 +33,18 @@ def test_unknown_attributes_are_refused_by_name():
     assert config_lib.from_hf(raw).family == "qwen2"
 
 
+def test_config_json_written_by_transformers_4_loads():
+    """transformers 4.53 saves its base fields too (here as its GGUF converter wrote
+    SmolLM2's config.json): token ids and flags no decoder forward reads."""
+    raw = tiny.hf_config("llama").to_dict()
+    raw.update(unk_token_id=0, sep_token_id=None, pruned_heads={}, is_decoder=False, add_cross_attention=False,
+               torchscript=False, use_bfloat16=False, tie_encoder_decoder=False, finetuning_task=None, prefix=None,
+               task_specific_params=None, tf_legacy_loss=False, cross_attention_hidden_size=None,
+               _model_name_or_path="Smollm2 135M", transformers_version="4.53.0", torch_dtype="float32")
+    assert config_lib.unknown_attributes(raw) == []
+    assert config_lib.from_hf(raw).family == "llama"
+
+
 def test_mistral_sliding_window_covers_every_layer_and_matches_transformers():
     hf_cfg = transformers.MistralConfig(vocab_size=tiny.VOCAB, hidden_size=48, intermediate_size=80,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
