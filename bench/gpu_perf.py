@@ -16,8 +16,15 @@ and PyTorch never share the card), then one table is printed:
 - the limits: bytes per decode step over the measured copy bandwidth, training FLOPs over
   the measured bf16 matrix-product rate, both measured in this call;
 - gemma-2-9b: the DCM and amplification steps at batch 8 x 1,024 on the same GPU.
+- greedy generation with exact speculative decoding (``generate_spec``) on real GSM
+  8-shot prompts with real weights (n-gram drafts are only accepted where the model
+  copies text): the GGUF at ``BENCH_GGUF`` (e.g. Qwen2.5-Coder-0.5B-Instruct), else the
+  offline SmolLM2-135M; bf16, batch 32, 128 new tokens (EOS ignored), plain and with
+  ``speculative: ngram`` at each k of ``BENCH_SPEC_K`` (default 2,3,4,6): tokens/s, the
+  acceptance rate, tokens per verify step, rows identical to plain greedy, and the ratio
+  to that model's plain-decode floor (bytes per step over the copy bandwidth).
 
-Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|baseline``.
+Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|generate_spec|baseline``.
 """
 
 from __future__ import annotations
@@ -259,6 +266,62 @@ def part_generate(name: str, shared: bool) -> dict:
             "peak_GiB": _peak_gib()}
 
 
+def _real_model():
+    """(model, tokenizer, name): BENCH_GGUF, else the offline SmolLM2-135M; bf16."""
+    from cca_jax import load_model, models
+
+    path = os.environ.get("BENCH_GGUF") or str(models.resolve("smollm2-135m"))
+    model, tok = load_model(path, dtype="bfloat16", attention=os.environ.get("BENCH_ATTENTION", "xla"))
+    return _tuning(model), tok, Path(path).name
+
+
+def _gsm_prompts(tok, n: int) -> list[list[int]]:
+    """n GSM 8-shot CoT prompts (the evaluation's), questions spread over the builtin templates."""
+    from cca_jax.data import gsm_symbolic
+    from cca_jax.data.prompt import encode
+
+    items = gsm_symbolic.load_items("builtin", per_template=-(-n // 24) + 1, seed=0)
+    items = items[::max(1, len(items) // n)][:n]
+    return [encode(tok, it.question, 8) for it in items]
+
+
+def part_generate_spec(_name: str) -> dict:
+    """Plain vs speculative (n-gram) greedy generation, real weights, GSM 8-shot prompts."""
+    import jax.numpy as jnp
+
+    from cca_jax import speculative
+    from cca_jax.generate import generate
+
+    model, tok, label = _real_model()
+    cfg = model.config
+    prompts = _gsm_prompts(tok, GEN_BATCH)
+    ks = [int(x) for x in os.environ.get("BENCH_SPEC_K", "2,3,4,6").split(",") if x.strip()]
+    ngram = int(os.environ.get("BENCH_SPEC_NGRAM", "3"))
+    base = dict(eos_token_id=[], batch_size=GEN_BATCH, **_generate_options())
+    outs = {}
+
+    def run(name, **kw):
+        outs[name] = generate(model, prompts, GEN_NEW, **base, **kw)
+        assert all(len(o) == GEN_NEW for o in outs[name])
+        return jnp.zeros(())
+
+    t_plain = _median_time(lambda: run("plain"), warm=1, reps=3)
+    spec = {}
+    for k in ks:
+        t = _median_time(lambda: run(k, speculative="ngram", spec_k=k, spec_ngram=ngram), warm=1, reps=3)
+        st = speculative.last_stats()
+        spec[str(k)] = {"gen_s": t, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t, "speedup_vs_plain": t_plain / t,
+                        "acceptance": st.acceptance, "tokens_per_step": st.tokens_per_step,
+                        "identical_rows": sum(a == b for a, b in zip(outs[k], outs["plain"]))}
+    params = model.params()
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    mean_len = sum(map(len, prompts)) / len(prompts) + GEN_NEW / 2
+    return {"model": label, "ngram": ngram, "gen_s": t_plain, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t_plain,
+            "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))], "spec": spec,
+            "decode_bytes_per_step_floor": _tree_bytes(params) + kv_per_token * GEN_BATCH * mean_len,
+            "prefill_flops": 2 * sum(map(len, prompts)) * _matmul_params(cfg), "peak_GiB": _peak_gib()}
+
+
 def _matmul_params(cfg) -> int:
     D, H, KV, Dh, F, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
     return L * (D * H * Dh * 2 + 2 * D * KV * Dh + 3 * D * F)
@@ -274,6 +337,7 @@ PARTS = {
     "amplify_remat_unroll": lambda n: part_amplify(n, remat=True, unroll=True),
     "generate": lambda n: part_generate(n, shared=False),
     "generate_shared": lambda n: part_generate(n, shared=True),
+    "generate_spec": lambda n: part_generate_spec(n),
 }
 
 
@@ -359,6 +423,20 @@ def report(r: dict) -> str:
                 f"{g['gen_s']:.3f} s for {GEN_BATCH}x{GEN_NEW}")
         elif key in r:
             row(label, base.get("gen_tokens_per_s"), g.get("error"), None, None)
+    g = r.get("generate_spec", {})
+    if "spec" in g:
+        # the plain-decode floor of this model: the tokens/s ceiling of any plain decoder
+        floor_s = GEN_NEW * g["decode_bytes_per_step_floor"] / bw + g["prefill_flops"] / mm if bw and mm else None
+        what = f"greedy generation, GSM 8-shot, {g['model']}"
+        row(f"{what}, plain (tok/s)", None, g["gen_tokens_per_s"], None, floor_s / g["gen_s"] if floor_s else None,
+            f"{g['gen_s']:.3f} s for {GEN_BATCH}x{GEN_NEW}")
+        for k, v in g["spec"].items():
+            row(f"{what}, speculative ngram k={k} (tok/s)", None, v["gen_tokens_per_s"], v["speedup_vs_plain"],
+                floor_s / v["gen_s"] if floor_s else None,
+                f"speed-up vs plain; acceptance {v['acceptance']:.2f}, {v['tokens_per_step']:.2f} tokens/step, "
+                f"identical rows {v['identical_rows']}/{GEN_BATCH}")
+    elif "generate_spec" in r:
+        row("greedy generation, GSM 8-shot, speculative", None, g.get("error"), None, None)
     for key in ("dcm_9b", "amplify_remat_9b"):
         if key in r:
             v = r[key]
@@ -378,7 +456,7 @@ def main():
     ap.add_argument("--model", default="gemma-2-2b", choices=list(MODELS))
     ap.add_argument("--baseline", default=str(ROOT.parent / "shared/bench/torch_baseline.py"))
     ap.add_argument("--only", default="limits,dcm,amplify_dots,amplify_dots_unroll,amplify_remat,generate,generate_shared,"
-                                      "baseline",
+                                      "generate_spec,baseline",
                     help="comma-separated parts for the driver")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--timeout", type=float, default=400)
