@@ -24,7 +24,12 @@ and PyTorch never share the card), then one table is printed:
   acceptance rate, tokens per verify step, rows identical to plain greedy, and the ratio
   to that model's plain-decode floor (bytes per step over the copy bandwidth).
 
-Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|generate_spec|baseline``.
+- ``spec_cost``: on gemma-2-2b (random weights) the time of a plain decode step, of a
+  verify step at each k, and of the prefill; with ``generate_spec``'s verify steps per
+  batch (the real model's acceptance on GSM prompts) the report projects gemma-2-2b's
+  speculative tokens/s and its ratio to gemma-2-2b's plain-decode floor.
+
+Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|generate_spec|spec_cost|baseline``.
 """
 
 from __future__ import annotations
@@ -297,6 +302,7 @@ def part_generate_spec(_name: str) -> dict:
     prompts = _gsm_prompts(tok, GEN_BATCH)
     ks = [int(x) for x in os.environ.get("BENCH_SPEC_K", "2,3,4,6").split(",") if x.strip()]
     ngram = int(os.environ.get("BENCH_SPEC_NGRAM", "3"))
+    iters = int(os.environ.get("BENCH_SPEC_ITERS", "8"))
     base = dict(eos_token_id=[], batch_size=GEN_BATCH, **_generate_options())
     outs = {}
 
@@ -308,18 +314,94 @@ def part_generate_spec(_name: str) -> dict:
     t_plain = _median_time(lambda: run("plain"), warm=1, reps=3)
     spec = {}
     for k in ks:
-        t = _median_time(lambda: run(k, speculative="ngram", spec_k=k, spec_ngram=ngram), warm=1, reps=3)
+        t = _median_time(lambda: run(k, speculative="ngram", spec_k=k, spec_ngram=ngram, spec_iters=iters), warm=1,
+                         reps=3)
         st = speculative.last_stats()
         spec[str(k)] = {"gen_s": t, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t, "speedup_vs_plain": t_plain / t,
                         "acceptance": st.acceptance, "tokens_per_step": st.tokens_per_step,
+                        "verify_steps_run": st.iterations,
                         "identical_rows": sum(a == b for a, b in zip(outs[k], outs["plain"]))}
     params = model.params()
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     mean_len = sum(map(len, prompts)) / len(prompts) + GEN_NEW / 2
-    return {"model": label, "ngram": ngram, "gen_s": t_plain, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t_plain,
+    return {"model": label, "ngram": ngram, "iters": iters, "gen_s": t_plain, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t_plain,
             "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))], "spec": spec,
             "decode_bytes_per_step_floor": _tree_bytes(params) + kv_per_token * GEN_BATCH * mean_len,
             "prefill_flops": 2 * sum(map(len, prompts)) * _matmul_params(cfg), "peak_GiB": _peak_gib()}
+
+
+def part_spec_cost(name: str) -> dict:
+    """Per-step time of a plain decode step and of a speculative verify step (k + 1 tokens
+    per row), and of the prefill, at the ``generate`` part's shape on ``name`` (random
+    weights: what a step costs does not depend on what was drafted). With the verify steps
+    a real model needed on GSM prompts (``generate_spec``), the report projects this
+    model's speculative tokens/s against its plain-decode floor."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cca_jax import generate as gen
+    from cca_jax import speculative as sp
+    from cca_jax.model.cache import init_cache
+    from cca_jax.model.prefill import left_pad, prefill
+
+    model = _model(name)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, GEN_PROMPT).tolist() for _ in range(GEN_BATCH)]
+    ks = [int(x) for x in os.environ.get("BENCH_SPEC_K", "2,3,4,6").split(",") if x.strip()]
+    iters = int(os.environ.get("BENCH_SPEC_ITERS", "8"))
+    config = gen.GenerationConfig.of(GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH)
+    plan = gen._plan(model, prompts, config)
+    toks, mask = left_pad(prompts, plan.suffix_len, 0)
+
+    def fresh():
+        cache = init_cache(cfg, GEN_BATCH, plan.size, plan.dtype)
+        return prefill(cfg, plan.stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
+
+    t_prefill = _median_time(lambda: fresh()[0], warm=1, reps=3)
+
+    def per_step(call, n_calls: int, steps_per_call: int) -> float:
+        jax.block_until_ready(call())  # compile, and the first call
+        t = time.perf_counter()
+        for _ in range(n_calls):
+            r = call()
+        jax.block_until_ready(r)
+        return (time.perf_counter() - t) / (n_calls * steps_per_call)
+
+    logits, cache = fresh()
+    holder = {"s": (cache, logits, jnp.zeros((GEN_BATCH,), bool), jax.random.key(0))}
+
+    def plain_chunk():  # 4 chunks of 32 steps fill the cache to the budget, as generate does
+        *st, out = gen.decode_chunk(cfg, plan.params, *holder["s"], plan.eos, 0, 32, config.sampling, True)
+        holder["s"] = tuple(st)
+        return out
+
+    t_step = per_step(plain_chunk, 3, 32)
+    del holder["s"], logits, cache
+    P = plan.shared + plan.suffix_len
+    buf, offset = sp._buffer(plan, toks, mask)
+    verify = {}
+    for k in ks:
+        logits, cache = fresh()
+        spec = sp.Speculation("ngram", k, 3, iters)
+        st, _ = sp.init_state(cache, None, logits, jnp.asarray(buf), jnp.asarray(offset), jax.random.key(0), plan.eos,
+                              jnp.int32(P), jnp.int32(GEN_NEW), config.sampling)
+        holder["s"] = st
+
+        def verify_chunk(spec=spec):  # rows that reach the budget are masked: same cost per step
+            holder["s"], view = sp.verify_chunk(cfg, plan.params, None, None, holder["s"], jnp.zeros((GEN_BATCH,), bool),
+                                                plan.eos, jnp.int32(P), jnp.int32(GEN_NEW), spec, config.sampling,
+                                                True)
+            return view[0]
+
+        verify[str(k)] = per_step(verify_chunk, 4, iters)
+        del holder["s"], logits, cache
+    params = model.params()
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    return {"model": name, "prefill_s": t_prefill, "decode_step_s": t_step, "verify_step_s": verify, "iters": iters,
+            "decode_bytes_per_step_floor": _tree_bytes(params) + kv_per_token * GEN_BATCH * (GEN_PROMPT + GEN_NEW / 2),
+            "prefill_flops": 2 * GEN_BATCH * GEN_PROMPT * _matmul_params(cfg)}
 
 
 def _matmul_params(cfg) -> int:
@@ -338,6 +420,7 @@ PARTS = {
     "generate": lambda n: part_generate(n, shared=False),
     "generate_shared": lambda n: part_generate(n, shared=True),
     "generate_spec": lambda n: part_generate_spec(n),
+    "spec_cost": lambda n: part_spec_cost(n),
 }
 
 
@@ -437,6 +520,27 @@ def report(r: dict) -> str:
                 f"identical rows {v['identical_rows']}/{GEN_BATCH}")
     elif "generate_spec" in r:
         row("greedy generation, GSM 8-shot, speculative", None, g.get("error"), None, None)
+    c = r.get("spec_cost", {})
+    if "verify_step_s" in c:
+        floor_s = GEN_NEW * c["decode_bytes_per_step_floor"] / bw + c["prefill_flops"] / mm if bw and mm else None
+        plain_s = c["prefill_s"] + GEN_NEW * c["decode_step_s"]
+        name = c.get("model", "gemma-2-2b")
+        row(f"{name} plain: prefill + {GEN_NEW} decode steps, from step times (tok/s)", None, GEN_BATCH * GEN_NEW / plain_s,
+            None, floor_s / plain_s if floor_s else None,
+            f"prefill {c['prefill_s']:.3f} s, decode step {1e3 * c['decode_step_s']:.2f} ms")
+        for k, t in c["verify_step_s"].items():
+            real = g.get("spec", {}).get(k)
+            if real is None:
+                row(f"{name} verify step k={k} (ms)", None, 1e3 * t, c["decode_step_s"] / t, None,
+                    "speed-up column: decode step / verify step")
+                continue
+            spec_s = c["prefill_s"] + real["verify_steps_run"] * t
+            row(f"{name} speculative k={k}, projected with {g['model']}'s verify steps on GSM (tok/s)", None,
+                GEN_BATCH * GEN_NEW / spec_s, plain_s / spec_s, floor_s / spec_s if floor_s else None,
+                f"verify step {1e3 * t:.2f} ms ({t / c['decode_step_s']:.2f}x a decode step) x "
+                f"{real['verify_steps_run']} steps run for {GEN_NEW} tokens; speed-up vs plain from step times")
+    elif "spec_cost" in r:
+        row("verify step cost", None, c.get("error"), None, None)
     for key in ("dcm_9b", "amplify_remat_9b"):
         if key in r:
             v = r[key]
@@ -456,7 +560,7 @@ def main():
     ap.add_argument("--model", default="gemma-2-2b", choices=list(MODELS))
     ap.add_argument("--baseline", default=str(ROOT.parent / "shared/bench/torch_baseline.py"))
     ap.add_argument("--only", default="limits,dcm,amplify_dots,amplify_dots_unroll,amplify_remat,generate,generate_shared,"
-                                      "generate_spec,baseline",
+                                      "generate_spec,spec_cost,baseline",
                     help="comma-separated parts for the driver")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--timeout", type=float, default=400)

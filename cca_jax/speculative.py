@@ -192,7 +192,7 @@ def _accept_sampled(logits: jax.Array, drafts: jax.Array, sampling, key: jax.Arr
     return kept, jnp.where(j < kept[:, None], drafts_ext, own)
 
 
-def _step(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, eos, P: int, max_new: int, spec: Speculation,
+def _step(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, eos, P, max_new, spec: Speculation,
           sampling, write_first: bool) -> SpecState:
     """One verify step for every row not done."""
     B, S = state.tokens.shape
@@ -232,29 +232,30 @@ def _step(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, eos, P: int
                      steps=state.steps + active, accepted=state.accepted + jnp.maximum(count - 1, 0), draft=dcache)
 
 
-def _view(state: SpecState, P: int, width: int):
-    """What the host reads after a call: (n, done, generated tokens (B, width), steps,
-    accepted), fresh arrays (the state itself is donated to the next call)."""
-    return state.n, state.done, state.tokens[:, P:P + width], state.steps, state.accepted
+def _view(state: SpecState):
+    """What the host reads after a call: (n, done, tokens (B, S), steps, accepted), fresh
+    arrays (the state itself is donated to the next call)."""
+    return state.n, state.done, jnp.copy(state.tokens), state.steps, state.accepted
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "P", "max_new", "spec", "sampling", "write_first"),
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "spec", "sampling", "write_first"),
                    donate_argnames=("state",))
-def verify_chunk(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, stopped, eos, P: int, max_new: int,
+def verify_chunk(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, stopped, eos, P, max_new,
                  spec: Speculation, sampling, write_first: bool = True):
     """``spec.iters`` verify steps; rows in ``stopped`` (the host's stop rule) end first.
-    ``state`` is donated. Returns (state, view)."""
+    ``state`` is donated. P (the first generated token's slot) and max_new are traced: one
+    program per cache shape, as plain decoding's. Returns (state, view)."""
     state = state.replace(done=state.done | stopped)
 
     def body(s, _):
         return _step(cfg, params, dcfg, dparams, s, eos, P, max_new, spec, sampling, write_first), None
 
     state, _ = jax.lax.scan(body, state, None, length=spec.iters)
-    return state, _view(state, P, max_new + spec.k + 1)
+    return state, _view(state)
 
 
-@functools.partial(jax.jit, static_argnames=("P", "max_new", "width", "sampling"), donate_argnames=("cache", "draft"))
-def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P: int, max_new: int, width: int, sampling):
+@functools.partial(jax.jit, static_argnames=("sampling",), donate_argnames=("cache", "draft"))
+def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P, max_new, sampling):
     """The state after the prefill: the first token from the prompt's last logits (as plain
     decoding takes it), pending at slot P."""
     from cca_jax.generate import next_token
@@ -262,7 +263,7 @@ def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P: int, 
     key, sub = jax.random.split(key)
     first = next_token(sub, logits, sampling)
     B = first.shape[0]
-    tokens = tokens.at[:, P].set(first)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, first[:, None], P, axis=1)
     n = jnp.ones((B,), jnp.int32)
     done = jnp.isin(first, eos) | (max_new <= 1)
     zeros = jnp.zeros((B,), jnp.int32)
@@ -272,7 +273,7 @@ def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P: int, 
         draft = draft.replace(index=jnp.full((B,), P, jnp.int32))
     state = SpecState(cache=cache, tokens=tokens, n=n, offset=offset, done=done, key=key, steps=zeros,
                       accepted=zeros, draft=draft)
-    return state, _view(state, P, width)
+    return state, _view(state)
 
 
 # ------------------------------------------------------------------------------- host
@@ -281,10 +282,11 @@ def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P: int, 
 class Stats:
     """Verify steps and kept drafts, summed over rows and batches (acceptance rate)."""
 
-    steps: int = 0
-    accepted: int = 0
+    steps: int = 0  # verify steps, summed over the rows that took part
+    accepted: int = 0  # draft tokens kept
     drafted: int = 0
     tokens: int = 0  # tokens generated (rows' final lengths)
+    iterations: int = 0  # verify steps the device ran, summed over batches (calls x iters)
 
     @property
     def acceptance(self) -> float:
@@ -358,23 +360,26 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
 
     spec = Speculation(config.speculative, config.spec_k, config.spec_ngram, config.spec_iters)
     rows, max_new, P = logits.shape[0], config.max_new_tokens, plan.shared + plan.suffix_len
-    width = max_new + spec.k + 1
     eos = np.asarray(plan.eos)
     buf, offset = _buffer(plan, toks, mask)
     dcache = _draft_prefill(draft, plan, toks, mask) if draft is not None else None
     dcfg, dparams = (draft.cfg, draft.params) if draft is not None else (None, None)
     key, sub = jax.random.split(key)
-    state, view = init_state(cache, dcache, logits, jnp.asarray(buf), jnp.asarray(offset), sub, plan.eos, P,
-                             max_new, width, config.sampling)
+    P_, max_new_ = jnp.int32(P), jnp.int32(max_new)
+    state, view = init_state(cache, dcache, logits, jnp.asarray(buf), jnp.asarray(offset), sub, plan.eos, P_,
+                             max_new_, config.sampling)
     stopped, keep = np.zeros(rows, bool), [None] * rows
 
     def launch(state):
-        return verify_chunk(plan.cfg, plan.params, dcfg, dparams, state, jnp.asarray(stopped), plan.eos, P, max_new,
+        return verify_chunk(plan.cfg, plan.params, dcfg, dparams, state, jnp.asarray(stopped), plan.eos, P_, max_new_,
                             spec, config.sampling, config.write_first)
 
     def read(view):
-        n_, done, gen, steps, acc = (np.asarray(a) for a in view)
-        out = np.where(np.arange(width)[None] < n_[:, None], gen, config.pad_token_id)
+        n_, done, toks_, steps, acc = (np.asarray(a) for a in view)
+        # what plain decoding could have produced: the budget's first max_new tokens
+        # (a verify step may overshoot it by up to k; the stop rule never sees those)
+        n_ = np.minimum(n_, max_new)
+        out = np.where(np.arange(max_new)[None] < n_[:, None], toks_[:, P:P + max_new], config.pad_token_id)
         if stop is not None:
             _check_stops(stop, [r[:c] for r, c in zip(out, n_)], stopped, keep, n, eos)
         return out, (done | stopped)[:n].all(), (done | stopped)[:n].any(), (n_, steps, acc)
@@ -401,5 +406,6 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
     stats.steps += int(steps[:n].sum())
     stats.accepted += int(acc[:n].sum())
     stats.drafted += int(steps[:n].sum()) * spec.k
-    stats.tokens += int(np.minimum(n_[:n], max_new).sum())
-    return out[:, :max_new], keep
+    stats.tokens += int(n_[:n].sum())
+    stats.iterations += sent * spec.iters
+    return out, keep
