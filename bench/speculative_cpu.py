@@ -60,9 +60,9 @@ def main():
     batch = args.batch_size or config.eval.batch_size
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     if args.fixed:
-        kw = dict(eos_token_id=[])
+        kw = {"eos_token_id": []}
     else:
-        kw = dict(stop=answers.stop_rule(tok), eos_token_id=stop_ids(model, tok))
+        kw = {"stop": answers.stop_rule(tok), "eos_token_id": stop_ids(model, tok)}
     lens = [len(p) for p in prompts]
     print(f"device={jax.devices()[0].platform} cores={os.cpu_count()} model={config.model} dtype={config.dtype} "
           f"items={len(prompts)} batch={batch} prompt tokens {min(lens)}-{max(lens)} max_new={max_new} "

@@ -179,7 +179,7 @@ class GenerationSettings:
             raise CCAError("generation.speculative: model needs generation.draft (a smaller model with the same "
                            "tokenizer)")
 
-    def options(self, dtype: str = "float32") -> dict:
+    def options(self, dtype: str = "auto") -> dict:
         """``generate``'s keyword arguments (auto resolved for this process's backend; a
         draft model loaded once)."""
         from cca_jax import speculative

@@ -85,8 +85,9 @@ def _load_draft(source: str, dtype: str):
     return model
 
 
-def options(method: str, k: int, ngram: int, draft: str | None, dtype: str = "float32") -> dict:
-    """``generate`` keyword arguments from a run config's ``generation`` section."""
+def options(method: str, k: int, ngram: int, draft: str | None, dtype: str = "auto") -> dict:
+    """``generate`` keyword arguments from a run config's ``generation`` section (the
+    draft model loaded once per process, in ``dtype``)."""
     method = resolve(method)
     opts = {"speculative": method, "spec_k": k, "spec_ngram": ngram}
     if method == "model":
@@ -195,7 +196,7 @@ def _accept_sampled(logits: jax.Array, drafts: jax.Array, sampling, key: jax.Arr
 def _step(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, eos, P, max_new, spec: Speculation,
           sampling, write_first: bool) -> SpecState:
     """One verify step for every row not done."""
-    B, S = state.tokens.shape
+    S = state.tokens.shape[1]
     k = spec.k
     active = ~state.done
     last = P + state.n - 1  # the pending token's slot
@@ -232,26 +233,33 @@ def _step(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, eos, P, max
                      steps=state.steps + active, accepted=state.accepted + jnp.maximum(count - 1, 0), draft=dcache)
 
 
-def _view(state: SpecState):
-    """What the host reads after a call: (n, done, tokens (B, S), steps, accepted), fresh
-    arrays (the state itself is donated to the next call)."""
-    return state.n, state.done, jnp.copy(state.tokens), state.steps, state.accepted
+def _view(state: SpecState, ran):
+    """What the host reads after a call: (n, done, tokens (B, S), steps, accepted, verify
+    steps run), fresh arrays (the state itself is donated to the next call)."""
+    return state.n, state.done, jnp.copy(state.tokens), state.steps, state.accepted, ran
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "spec", "sampling", "write_first"),
                    donate_argnames=("state",))
 def verify_chunk(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, stopped, eos, P, max_new,
                  spec: Speculation, sampling, write_first: bool = True):
-    """``spec.iters`` verify steps; rows in ``stopped`` (the host's stop rule) end first.
+    """Up to ``spec.iters`` verify steps; rows in ``stopped`` (the host's stop rule) end
+    first. The call ends early once every row is done: a verify step costs a whole
+    forward even when every row is masked (the call sent ahead, the last call's tail).
     ``state`` is donated. P (the first generated token's slot) and max_new are traced: one
     program per cache shape, as plain decoding's. Returns (state, view)."""
     state = state.replace(done=state.done | stopped)
 
-    def body(s, _):
-        return _step(cfg, params, dcfg, dparams, s, eos, P, max_new, spec, sampling, write_first), None
+    def go_on(c):
+        i, s = c
+        return (i < spec.iters) & ~jnp.all(s.done)
 
-    state, _ = jax.lax.scan(body, state, None, length=spec.iters)
-    return state, _view(state)
+    def body(c):
+        i, s = c
+        return i + 1, _step(cfg, params, dcfg, dparams, s, eos, P, max_new, spec, sampling, write_first)
+
+    ran, state = jax.lax.while_loop(go_on, body, (jnp.int32(0), state))
+    return state, _view(state, ran)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",), donate_argnames=("cache", "draft"))
@@ -273,7 +281,7 @@ def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P, max_n
         draft = draft.replace(index=jnp.full((B,), P, jnp.int32))
     state = SpecState(cache=cache, tokens=tokens, n=n, offset=offset, done=done, key=key, steps=zeros,
                       accepted=zeros, draft=draft)
-    return state, _view(state)
+    return state, _view(state, jnp.int32(0))
 
 
 # ------------------------------------------------------------------------------- host
@@ -286,7 +294,7 @@ class Stats:
     accepted: int = 0  # draft tokens kept
     drafted: int = 0
     tokens: int = 0  # tokens generated (rows' final lengths)
-    iterations: int = 0  # verify steps the device ran, summed over batches (calls x iters)
+    iterations: int = 0  # verify steps the device ran (forwards), summed over batches
 
     @property
     def acceptance(self) -> float:
@@ -375,16 +383,16 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
                             spec, config.sampling, config.write_first)
 
     def read(view):
-        n_, done, toks_, steps, acc = (np.asarray(a) for a in view)
+        n_, done, toks_, steps, acc, ran = (np.asarray(a) for a in view)
         # what plain decoding could have produced: the budget's first max_new tokens
         # (a verify step may overshoot it by up to k; the stop rule never sees those)
         n_ = np.minimum(n_, max_new)
         out = np.where(np.arange(max_new)[None] < n_[:, None], toks_[:, P:P + max_new], config.pad_token_id)
         if stop is not None:
             _check_stops(stop, [r[:c] for r, c in zip(out, n_)], stopped, keep, n, eos)
-        return out, (done | stopped)[:n].all(), (done | stopped)[:n].any(), (n_, steps, acc)
+        return out, (done | stopped)[:n].all(), (done | stopped)[:n].any(), (n_, steps, acc), int(ran)
 
-    out, finished, any_done, figures = read(view)
+    out, finished, any_done, figures, ran = read(view)
     # every step adds at least one token per row: max_new - 1 steps end every row
     calls = -(-(max_new - 1) // spec.iters)
     pending = None if finished else launch(state)
@@ -393,10 +401,12 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
         state, view = pending
         pending = None
         # as generate's decode chunks: while no row has finished, the next call goes out
-        # before this one's tokens are read
+        # before this one's tokens are read (if this one ends every row, that call
+        # stops before its first step)
         if config.ahead and not any_done and sent < calls:
             pending, sent = launch(state), sent + 1
-        out, finished, any_done, figures = read(view)
+        out, finished, any_done, figures, r = read(view)
+        ran += r
         if finished:
             break
         if pending is None and sent < calls:
@@ -407,5 +417,5 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
     stats.accepted += int(acc[:n].sum())
     stats.drafted += int(steps[:n].sum()) * spec.k
     stats.tokens += int(n_[:n].sum())
-    stats.iterations += sent * spec.iters
+    stats.iterations += ran
     return out, keep
