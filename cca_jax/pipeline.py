@@ -230,7 +230,10 @@ def _select_templates(r: _Run, base) -> list[int]:
 def _localize(r: _Run, base_key, base, selected):
     from cca_jax.cca import examples as ex_lib
 
-    key = digest([base_key, selected, dataclasses.asdict(r.config.pivots)])
+    # sampled traces follow the decoder's random draws: a speculative one samples the same
+    # distribution with other draws (greedy stages give the same tokens either way)
+    sampler = r.config.generation.sampler()
+    key = digest([base_key, selected, dataclasses.asdict(r.config.pivots)] + ([sampler] if sampler else []))
     d = r.stages.dir("localize")
     with r.stage("localize", key) as todo:
         if todo:

@@ -166,7 +166,7 @@ class GenerationSettings:
     floating-point ties) and the same sampling distribution as plain decoding. auto:
     ngram on a GPU/TPU, where a decode step is memory-bound and verifying k + 1 tokens
     costs about what one token does; off on the CPU, where a step is compute-bound and
-    the rejected drafts are paid in full (bench/NOTES.md, issue 25)."""
+    the rejected drafts are paid in full (bench/NOTES.md, "Speculative decoding")."""
 
     speculative: str = "auto"  # auto | off | ngram (drafts from the prompt and output) | model
     k: int = 4  # draft tokens per verify step
@@ -178,6 +178,17 @@ class GenerationSettings:
         if self.speculative == "model" and self.draft is None:
             raise CCAError("generation.speculative: model needs generation.draft (a smaller model with the same "
                            "tokenizer)")
+
+    def sampler(self) -> dict | None:
+        """What decides sampled tokens beyond the seed: None for plain decoding, else the
+        resolved speculative settings (part of the pivot stage's key)."""
+        from cca_jax import speculative
+
+        method = speculative.resolve(self.speculative)
+        if method == "off":
+            return None
+        return {"speculative": method, "k": self.k, "ngram": self.ngram,
+                **({"draft": self.draft} if method == "model" else {})}
 
     def options(self, dtype: str = "auto") -> dict:
         """``generate``'s keyword arguments (auto resolved for this process's backend; a

@@ -247,9 +247,12 @@ def test_generation_settings_in_run_configs(tmp_path):
     cfg = runconfig.load(tiny.CONFIG, ["generation.speculative=ngram", "generation.k=6"])
     assert (cfg.generation.speculative, cfg.generation.k, cfg.generation.ngram) == ("ngram", 6, 3)
     assert cfg.generation.options() == {"speculative": "ngram", "spec_k": 6, "spec_ngram": 3}
+    # sampled pivots depend on the speculative settings: they are part of that stage's key
+    assert cfg.generation.sampler() == {"speculative": "ngram", "k": 6, "ngram": 3}
     # auto: off on this CPU (compute-bound decode), ngram on an accelerator
-    assert runconfig.load(tiny.CONFIG).generation.options()["speculative"] == (
-        "off" if jax.default_backend() == "cpu" else "ngram")
+    auto = runconfig.load(tiny.CONFIG).generation
+    assert auto.options()["speculative"] == ("off" if jax.default_backend() == "cpu" else "ngram")
+    assert (auto.sampler() is None) == (jax.default_backend() == "cpu")
     for override, msg in (("generation.speculative=fast", "generation.speculative must be one of auto, off"),
                           ("generation.k=0", "generation.k must be >= 1"),
                           ("generation.k=17", "generation.k must be <= 16"),

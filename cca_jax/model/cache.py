@@ -27,7 +27,7 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
     pos: jax.Array  # (B, S) int32 position held by each slot, -1 if none
     # () int32: the next slot to write, shared by every row; or (B,) per row (speculative
-    # decoding: rows advance by different amounts), see ``write_slots``
+    # decoding: rows advance by different amounts), see ``write_rows``
     index: jax.Array
     # static: True for a cache straight from init_cache. A long call into an empty cache
     # attends over its own tokens only (causal query blocks, no empty slots) and then
