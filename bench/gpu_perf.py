@@ -16,8 +16,20 @@ and PyTorch never share the card), then one table is printed:
 - the limits: bytes per decode step over the measured copy bandwidth, training FLOPs over
   the measured bf16 matrix-product rate, both measured in this call;
 - gemma-2-9b: the DCM and amplification steps at batch 8 x 1,024 on the same GPU.
+- greedy generation with exact speculative decoding (``generate_spec``) on real GSM
+  8-shot prompts with real weights (n-gram drafts are only accepted where the model
+  copies text): the GGUF at ``BENCH_GGUF`` (e.g. Qwen2.5-Coder-0.5B-Instruct), else the
+  offline SmolLM2-135M; bf16, batch 32, 128 new tokens (EOS ignored), plain and with
+  ``speculative: ngram`` at each k of ``BENCH_SPEC_K`` (default 2,3,4,6): tokens/s, the
+  acceptance rate, tokens per verify step, rows identical to plain greedy, and the ratio
+  to that model's plain-decode floor (bytes per step over the copy bandwidth).
 
-Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|baseline``.
+- ``spec_cost``: on gemma-2-2b (random weights) the time of a plain decode step, of a
+  verify step at each k, and of the prefill; with ``generate_spec``'s verify steps per
+  batch (the real model's acceptance on GSM prompts) the report projects gemma-2-2b's
+  speculative tokens/s and its ratio to gemma-2-2b's plain-decode floor.
+
+Parts can be run alone: ``--part limits|dcm|amplify|generate|generate_shared|generate_spec|spec_cost|baseline``.
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"gemma-2-2b": ROOT / "configs/models/gemma-2-2b.yaml", "gemma-2-9b": ROOT / "configs/models/gemma-2-9b.yaml",
           "tiny": ROOT / "configs/models/tiny-llama.yaml"}  # tiny: a CPU smoke test of the script
 BATCH, SEQ, GEN_BATCH, GEN_PROMPT, GEN_NEW, SHARED = 8, 1024, 32, 896, 128, 850
+# a CPU smoke test of the generation parts: BENCH_GEN_BATCH=2 BENCH_GEN_NEW=16 (and --model tiny)
+GEN_BATCH = int(os.environ.get("BENCH_GEN_BATCH", GEN_BATCH))
+GEN_NEW = int(os.environ.get("BENCH_GEN_NEW", GEN_NEW))
 DCM_EPOCHS, DCM_BATCHES, ROTATE = 50, 26, 4
 
 
@@ -259,6 +274,142 @@ def part_generate(name: str, shared: bool) -> dict:
             "peak_GiB": _peak_gib()}
 
 
+def _real_model():
+    """(model, tokenizer, name): BENCH_GGUF, else the offline SmolLM2-135M; bf16."""
+    from cca_jax import load_model, models
+
+    path = os.environ.get("BENCH_GGUF") or str(models.resolve("smollm2-135m"))
+    model, tok = load_model(path, dtype="bfloat16", attention=os.environ.get("BENCH_ATTENTION", "xla"))
+    return _tuning(model), tok, Path(path).name
+
+
+def _gsm_prompts(tok, n: int) -> list[list[int]]:
+    """n GSM 8-shot CoT prompts (the evaluation's), questions spread over the builtin templates."""
+    from cca_jax.data import gsm_symbolic
+    from cca_jax.data.prompt import encode
+
+    items = gsm_symbolic.load_items("builtin", per_template=-(-n // 24) + 1, seed=0)
+    items = items[::max(1, len(items) // n)][:n]
+    return [encode(tok, it.question, 8) for it in items]
+
+
+def part_generate_spec(_name: str) -> dict:
+    """Plain vs speculative (n-gram) greedy generation, real weights, GSM 8-shot prompts."""
+    import jax.numpy as jnp
+
+    from cca_jax import speculative
+    from cca_jax.generate import generate
+
+    model, tok, label = _real_model()
+    cfg = model.config
+    prompts = _gsm_prompts(tok, GEN_BATCH)
+    ks = [int(x) for x in os.environ.get("BENCH_SPEC_K", "2,3,4,6").split(",") if x.strip()]
+    ngram = int(os.environ.get("BENCH_SPEC_NGRAM", "3"))
+    iters = int(os.environ.get("BENCH_SPEC_ITERS", "8"))
+    base = {"eos_token_id": [], "batch_size": GEN_BATCH, **_generate_options()}
+    outs = {}
+
+    def run(name, **kw):
+        outs[name] = generate(model, prompts, GEN_NEW, **base, **kw)
+        assert all(len(o) == GEN_NEW for o in outs[name])
+        return jnp.zeros(())
+
+    t_plain = _median_time(lambda: run("plain"), warm=1, reps=3)
+    spec = {}
+    for k in ks:
+        t = _median_time(lambda k=k: run(k, speculative="ngram", spec_k=k, spec_ngram=ngram, spec_iters=iters),
+                         warm=1, reps=3)
+        st = speculative.last_stats()
+        spec[str(k)] = {"gen_s": t, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t, "speedup_vs_plain": t_plain / t,
+                        "acceptance": st.acceptance, "tokens_per_step": st.tokens_per_step,
+                        "verify_steps_run": st.iterations,
+                        "identical_rows": sum(a == b for a, b in zip(outs[k], outs["plain"]))}
+    params = model.params()
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    mean_len = sum(map(len, prompts)) / len(prompts) + GEN_NEW / 2
+    return {"model": label, "ngram": ngram, "iters": iters, "gen_s": t_plain, "gen_tokens_per_s": GEN_BATCH * GEN_NEW / t_plain,
+            "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))], "spec": spec,
+            "decode_bytes_per_step_floor": _tree_bytes(params) + kv_per_token * GEN_BATCH * mean_len,
+            "prefill_flops": 2 * sum(map(len, prompts)) * _matmul_params(cfg), "peak_GiB": _peak_gib()}
+
+
+def part_spec_cost(name: str) -> dict:
+    """Per-step time of a plain decode step and of a speculative verify step (k + 1 tokens
+    per row), and of the prefill, at the ``generate`` part's shape on ``name`` (random
+    weights: what a step costs does not depend on what was drafted). With the verify steps
+    a real model needed on GSM prompts (``generate_spec``), the report projects this
+    model's speculative tokens/s against its plain-decode floor."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cca_jax import generate as gen
+    from cca_jax import speculative as sp
+    from cca_jax.model.cache import init_cache
+    from cca_jax.model.prefill import left_pad, prefill
+
+    model = _model(name)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, GEN_PROMPT).tolist() for _ in range(GEN_BATCH)]
+    ks = [int(x) for x in os.environ.get("BENCH_SPEC_K", "2,3,4,6").split(",") if x.strip()]
+    iters = int(os.environ.get("BENCH_SPEC_ITERS", "8"))
+    config = gen.GenerationConfig.of(GEN_NEW, eos_token_id=[], batch_size=GEN_BATCH)
+    plan = gen._plan(model, prompts, config)
+    toks, mask = left_pad(prompts, plan.suffix_len, 0)
+
+    def fresh():
+        cache = init_cache(cfg, GEN_BATCH, plan.size, plan.dtype)
+        return prefill(cfg, plan.stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
+
+    t_prefill = _median_time(lambda: fresh()[0], warm=1, reps=3)
+
+    def per_step(call, n_calls: int) -> float:
+        """Seconds per step over n_calls calls after a first one (compile); call() returns
+        (an array to wait for, the steps the call ran)."""
+        jax.block_until_ready(call()[0])
+        t = time.perf_counter()
+        done = [call() for _ in range(n_calls)]
+        jax.block_until_ready(done[-1][0])
+        return (time.perf_counter() - t) / sum(int(steps) for _, steps in done)
+
+    logits, cache = fresh()
+    holder = {"s": (cache, logits, jnp.zeros((GEN_BATCH,), bool), jax.random.key(0))}
+    chunk = max(1, GEN_NEW // 4)
+
+    def plain_chunk():  # 4 chunks fill the cache to the budget, as generate's decode does
+        *st, out = gen.decode_chunk(cfg, plan.params, *holder["s"], plan.eos, 0, chunk, config.sampling, True)
+        holder["s"] = tuple(st)
+        return out, chunk
+
+    t_step = per_step(plain_chunk, 3)
+    del holder["s"], logits, cache
+    P = jnp.int32(plan.shared + plan.suffix_len)
+    # no budget: no row ever finishes, so every call runs all its steps whatever the random
+    # weights' drafts keep (slots past the cache are dropped; a step costs the same)
+    budget = jnp.int32(2**30)
+    buf, offset = sp._buffer(plan, toks, mask)
+    verify = {}
+    for k in ks:
+        logits, cache = fresh()
+        spec = sp.Speculation("ngram", k, 3, iters)
+        holder["s"], _ = sp.init_state(cache, None, logits, jnp.asarray(buf), jnp.asarray(offset), jax.random.key(0),
+                                       plan.eos, P, budget, config.sampling)
+
+        def verify_chunk(spec=spec):
+            holder["s"], view = sp.verify_chunk(cfg, plan.params, None, None, holder["s"], jnp.zeros((GEN_BATCH,), bool),
+                                                plan.eos, P, budget, spec, config.sampling, True)
+            return view[0], view[-1]
+
+        verify[str(k)] = per_step(verify_chunk, 4)
+        del holder["s"], logits, cache
+    params = model.params()
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    return {"model": name, "prefill_s": t_prefill, "decode_step_s": t_step, "verify_step_s": verify, "iters": iters,
+            "decode_bytes_per_step_floor": _tree_bytes(params) + kv_per_token * GEN_BATCH * (GEN_PROMPT + GEN_NEW / 2),
+            "prefill_flops": 2 * GEN_BATCH * GEN_PROMPT * _matmul_params(cfg)}
+
+
 def _matmul_params(cfg) -> int:
     D, H, KV, Dh, F, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
     return L * (D * H * Dh * 2 + 2 * D * KV * Dh + 3 * D * F)
@@ -274,6 +425,8 @@ PARTS = {
     "amplify_remat_unroll": lambda n: part_amplify(n, remat=True, unroll=True),
     "generate": lambda n: part_generate(n, shared=False),
     "generate_shared": lambda n: part_generate(n, shared=True),
+    "generate_spec": lambda n: part_generate_spec(n),
+    "spec_cost": lambda n: part_spec_cost(n),
 }
 
 
@@ -359,6 +512,42 @@ def report(r: dict) -> str:
                 f"{g['gen_s']:.3f} s for {GEN_BATCH}x{GEN_NEW}")
         elif key in r:
             row(label, base.get("gen_tokens_per_s"), g.get("error"), None, None)
+    g = r.get("generate_spec", {})
+    if "spec" in g:
+        # the plain-decode floor of this model: the tokens/s ceiling of any plain decoder
+        floor_s = GEN_NEW * g["decode_bytes_per_step_floor"] / bw + g["prefill_flops"] / mm if bw and mm else None
+        what = f"greedy generation, GSM 8-shot, {g['model']}"
+        row(f"{what}, plain (tok/s)", None, g["gen_tokens_per_s"], None, floor_s / g["gen_s"] if floor_s else None,
+            f"{g['gen_s']:.3f} s for {GEN_BATCH}x{GEN_NEW}")
+        for k, v in g["spec"].items():
+            # the limit column above 100% is speed beyond the plain-decode floor (target 150%)
+            row(f"{what}, speculative ngram k={k} (tok/s)", None, v["gen_tokens_per_s"], v["speedup_vs_plain"],
+                floor_s / v["gen_s"] if floor_s else None,
+                f"speed-up vs plain; acceptance {v['acceptance']:.2f}, {v['tokens_per_step']:.2f} tokens/step, "
+                f"{v['verify_steps_run']} verify steps; identical rows {v['identical_rows']}/{GEN_BATCH}")
+    elif "generate_spec" in r:
+        row("greedy generation, GSM 8-shot, speculative", None, g.get("error"), None, None)
+    c = r.get("spec_cost", {})
+    if "verify_step_s" in c:
+        floor_s = GEN_NEW * c["decode_bytes_per_step_floor"] / bw + c["prefill_flops"] / mm if bw and mm else None
+        plain_s = c["prefill_s"] + GEN_NEW * c["decode_step_s"]
+        name = c.get("model", "gemma-2-2b")
+        row(f"{name} plain: prefill + {GEN_NEW} decode steps, from step times (tok/s)", None, GEN_BATCH * GEN_NEW / plain_s,
+            None, floor_s / plain_s if floor_s else None,
+            f"prefill {c['prefill_s']:.3f} s, decode step {1e3 * c['decode_step_s']:.2f} ms")
+        for k, t in c["verify_step_s"].items():
+            real = g.get("spec", {}).get(k)
+            if real is None:
+                row(f"{name} verify step k={k} (ms)", None, 1e3 * t, c["decode_step_s"] / t, None,
+                    "speed-up column: decode step / verify step")
+                continue
+            spec_s = c["prefill_s"] + real["verify_steps_run"] * t
+            row(f"{name} speculative k={k}, projected with {g['model']}'s verify steps on GSM (tok/s)", None,
+                GEN_BATCH * GEN_NEW / spec_s, plain_s / spec_s, floor_s / spec_s if floor_s else None,
+                f"verify step {1e3 * t:.2f} ms ({t / c['decode_step_s']:.2f}x a decode step) x "
+                f"{real['verify_steps_run']} steps run for {GEN_NEW} tokens; speed-up vs plain from step times")
+    elif "spec_cost" in r:
+        row("verify step cost", None, c.get("error"), None, None)
     for key in ("dcm_9b", "amplify_remat_9b"):
         if key in r:
             v = r[key]
@@ -378,7 +567,7 @@ def main():
     ap.add_argument("--model", default="gemma-2-2b", choices=list(MODELS))
     ap.add_argument("--baseline", default=str(ROOT.parent / "shared/bench/torch_baseline.py"))
     ap.add_argument("--only", default="limits,dcm,amplify_dots,amplify_dots_unroll,amplify_remat,generate,generate_shared,"
-                                      "baseline",
+                                      "generate_spec,spec_cost,baseline",
                     help="comma-separated parts for the driver")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--timeout", type=float, default=400)

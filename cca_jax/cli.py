@@ -92,6 +92,34 @@ def _check_counts(args, minimums: dict[str, int]) -> None:
             raise CCAError(f"--{name.replace('_', '-')} must be >= {least}, got {v}")
 
 
+_GENERATION_OPTIONS = {"speculative": "--speculative", "k": "--spec-k", "ngram": "--spec-ngram", "draft": "--draft"}
+
+
+def _add_generation_options(s) -> None:
+    s.add_argument("--speculative", default=None,
+                   help="exact speculative decoding: auto (ngram on GPU/TPU, off on CPU; the default), off, "
+                        "ngram (drafts from the prompt and output), model (drafts from --draft)")
+    s.add_argument("--spec-k", type=int, default=None, help="draft tokens per verify step (default 4)")
+    s.add_argument("--spec-ngram", type=int, default=None, help="longest suffix the n-gram lookup matches (default 3)")
+    s.add_argument("--draft", default=None, help="--speculative model: the draft model (same tokenizer)")
+
+
+def _generation(args):
+    """The checked ``generation`` settings of the generation options (run configs' defaults
+    for those not given): one-line errors that name the option, before any model loads."""
+    from cca_jax.errors import CCAError
+    from cca_jax.runconfig import GenerationSettings
+
+    given = {f: getattr(args, o[2:].replace("-", "_")) for f, o in _GENERATION_OPTIONS.items()}
+    try:
+        return GenerationSettings(**{f: v for f, v in given.items() if v is not None})
+    except CCAError as err:
+        msg = str(err)
+        for f, o in _GENERATION_OPTIONS.items():
+            msg = msg.replace(f"generation.{f} ", f"{o} ").replace(f"generation.{f}:", f"{o}:")
+        raise CCAError(msg) from None
+
+
 def cmd_data(args) -> int:
     from cca_jax.data import gsm_symbolic
     from cca_jax.paths import check_output_file
@@ -128,6 +156,7 @@ def cmd_eval(args) -> int:
 
     _check_counts(args, {"limit": 1, "per_template": 1, "seed": 0, "max_new_tokens": 1, "batch_size": 1,
                          "shots": 0})
+    generation = _generation(args)
     check_run_dir(args.out, "--out")
     items = gsm_symbolic.load_items(args.data, per_template=args.per_template, seed=args.seed)
     if args.split != "all":
@@ -141,7 +170,7 @@ def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     acc, records = gsm.evaluate(model, tok, items, mode=args.mode, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, n_shots=args.shots,
-                                chat_template=args.chat_template)
+                                chat_template=args.chat_template, generation=generation.options(args.dtype))
     meta = {"model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
             "mode": args.mode, "max_new_tokens": args.max_new_tokens, "shots": args.shots,
             "chat_template": args.chat_template, "seconds": round(time.perf_counter() - t0, 2)}
@@ -257,6 +286,7 @@ def cmd_bench_tasks(args) -> int:
     from cca_jax.paths import check_output_file
 
     _check_counts(args, {"batch_size": 1, "max_new_tokens": 1})
+    generation = _generation(args)
     check_output_file(args.out)  # before the benchmarks run, not after
     data = tasks.prepare(args.tasks, limit=args.limit, data_dir=args.data_dir)  # errors before loading
     model, tok = load_model(_source(args.model), dtype=args.dtype)
@@ -268,7 +298,8 @@ def cmd_bench_tasks(args) -> int:
         raise CCAError(f"{args.model}: no tokenizer found; pass --tokenizer char for random test models")
     t0 = time.perf_counter()
     res = tasks.run_tasks(model, tok, data["tasks"], batch_size=args.batch_size, data=data,
-                          progress=not args.quiet, gsm8k_max_new_tokens=args.max_new_tokens)
+                          progress=not args.quiet, gsm8k_max_new_tokens=args.max_new_tokens,
+                          generation=generation.options(args.dtype))
     meta = {"model": args.model, "dtype": str(model.dtype), "data_dir": data["data_dir"], "limit": args.limit,
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
     out = atomic.write_json(args.out, tasks.finite_or_null({**meta, "tasks": res}))  # JSON has no NaN
@@ -343,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     s.add_argument("--attention", default="xla", choices=list(ATTENTION),
                    help="prefill attention: xla, or tokamax's fused kernels (pip install 'cca_jax[kernels]')")
+    _add_generation_options(s)
     s.add_argument("--out", default="runs/eval", help="output directory")
     s.set_defaults(func=cmd_eval)
 
@@ -395,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", default="auto", choices=["auto", "char"],
                    help="char: character tokenizer (random test models without one)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_generation_options(s)
     s.add_argument("--out", required=True, help="results .json (written atomically)")
     s.set_defaults(func=cmd_bench_tasks)
 

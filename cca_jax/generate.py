@@ -152,6 +152,13 @@ class GenerationConfig:
     # send the next decode chunk before reading the last one's tokens, while no row has
     # finished, so the device never waits for the host between chunks
     ahead: bool = True
+    # exact speculative decoding (cca_jax/speculative.py): off | ngram (drafts from the
+    # row's own prompt and output) | model (drafts from draft_model, same tokenizer)
+    speculative: str = "off"
+    spec_k: int = 4  # draft tokens per verify step
+    spec_ngram: int = 3  # longest suffix the n-gram lookup matches
+    spec_iters: int = 8  # verify steps per compiled call
+    draft_model: object = None  # a loaded model (speculative: model)
 
     @classmethod
     def of(cls, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -171,6 +178,7 @@ class _Plan:
     dtype: object
     eos: jax.Array
     shared: int  # prefix length encoded once (0: none)
+    shared_tokens: tuple  # those tokens
     suffix_len: int
     size: int  # cache slots
     prefix: KVCache | None  # the shared prefix's one-row cache
@@ -189,7 +197,7 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
     if shared:
         c = init_cache(cfg, 1, size, model.dtype)
         _, prefix = prefill(cfg, stacked, jnp.asarray([prompts[0][:shared]], jnp.int32), jnp.ones((1, shared), bool), c)
-    return _Plan(cfg, stacked, params, model.dtype, eos, shared, suffix_len, size, prefix)
+    return _Plan(cfg, stacked, params, model.dtype, eos, shared, tuple(prompts[0][:shared]), suffix_len, size, prefix)
 
 
 def _launch(plan: _Plan, config: GenerationConfig, state, stopped: np.ndarray, sent: int):
@@ -239,7 +247,8 @@ def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop
     return out, keep
 
 
-def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bool, key, stop) -> list[list[int]]:
+def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bool, key, stop,
+                    draft=None) -> list[list[int]]:
     """One batch: prefill its suffixes on the shared prefix, decode, cut each row."""
     rows = [p[plan.shared:] for p in prompts]
     n = len(rows)
@@ -248,7 +257,12 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
     toks, mask = left_pad(rows, plan.suffix_len, config.pad_token_id)
     cache = tile_cache(plan.prefix, len(rows)) if plan.shared else init_cache(plan.cfg, len(rows), plan.size, plan.dtype)
     logits, cache = prefill(plan.cfg, plan.stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
-    out, keep = _decode_rows(plan, config, cache, logits, key, stop, n)
+    if config.speculative != "off":
+        from cca_jax import speculative
+
+        out, keep = speculative.decode_rows(plan, config, cache, logits, key, stop, n, toks, mask, draft)
+    else:
+        out, keep = _decode_rows(plan, config, cache, logits, key, stop, n)
     seqs = [_row(out[r], np.asarray(plan.eos)) for r in range(n)]
     return [seq[:k] if k is not None else seq for seq, k in zip(seqs, keep)]
 
@@ -260,6 +274,11 @@ def _check_request(prompts, config: GenerationConfig, key) -> None:
         raise CCAError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
     if config.sampling.temperature > 0 and key is None:
         raise CCAError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
+    if config.speculative != "off" or config.draft_model is not None:
+        from cca_jax import speculative
+
+        speculative.check(config.speculative, config.spec_k, config.spec_ngram, config.spec_iters,
+                          config.draft_model)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop: StopRule | None = None,
@@ -268,8 +287,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
 
     ``options`` are ``GenerationConfig``'s fields (eos_token_id, pad_token_id, batch_size,
-    chunk, share_prefix, min_shared_prefix, write_first, ahead) and the sampling ones
-    (temperature (0 = greedy), top_k, top_p). See ``generate_with``."""
+    chunk, share_prefix, min_shared_prefix, write_first, ahead; speculative, spec_k,
+    spec_ngram, spec_iters, draft_model) and the sampling ones (temperature (0 = greedy),
+    top_k, top_p). See ``generate_with``."""
     config = GenerationConfig.of(max_new_tokens, **options)
     return generate_with(model, prompts, config, stop=stop, key=key, progress=progress, on_batch=on_batch)
 
@@ -289,6 +309,13 @@ def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationCon
     _check_request(prompts, config, key)
     key = key if key is not None else jax.random.key(0)
     plan = _plan(model, prompts, config)
+    draft = None
+    if config.speculative != "off":
+        from cca_jax import speculative
+
+        speculative.start_stats()
+        if config.speculative == "model":
+            draft = speculative.draft_plan(config.draft_model, plan)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding per batch
     results: list[list[int] | None] = [None] * len(prompts)
     bar = None
@@ -299,7 +326,8 @@ def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationCon
     for b0 in range(0, len(order), config.batch_size):
         idx = order[b0:b0 + config.batch_size]
         key, batch_key = jax.random.split(key)
-        outs = _generate_batch(plan, config, [prompts[i] for i in idx], len(order) > config.batch_size, batch_key, stop)
+        outs = _generate_batch(plan, config, [prompts[i] for i in idx], len(order) > config.batch_size, batch_key, stop,
+                               draft)
         for i, seq in zip(idx, outs):
             results[i] = seq
         if on_batch is not None:

@@ -69,7 +69,8 @@ class _Run:
         max_new = ev.test_max_new_tokens if split == "test" else ev.max_new_tokens
         return gsm.evaluate(model, self.tok, self.splits[split], mode=ev.answer_mode, max_new_tokens=max_new,
                             batch_size=ev.batch_size, n_shots=ev.shots, chat_template=ev.chat_template,
-                            progress=self.progress, desc=desc)
+                            progress=self.progress, desc=desc,
+                            generation=self.config.generation.options(self.config.dtype))
 
 
 @dataclasses.dataclass
@@ -229,7 +230,10 @@ def _select_templates(r: _Run, base) -> list[int]:
 def _localize(r: _Run, base_key, base, selected):
     from cca_jax.cca import examples as ex_lib
 
-    key = digest([base_key, selected, dataclasses.asdict(r.config.pivots)])
+    # sampled traces follow the decoder's random draws: a speculative one samples the same
+    # distribution with other draws (greedy stages give the same tokens either way)
+    sampler = r.config.generation.sampler()
+    key = digest([base_key, selected, dataclasses.asdict(r.config.pivots)] + ([sampler] if sampler else []))
     d = r.stages.dir("localize")
     with r.stage("localize", key) as todo:
         if todo:
@@ -261,7 +265,7 @@ def _pivotal_tokens(r: _Run, base, selected):
             answers.extract(r.tok.decode(list(ids), skip_special_tokens=True), ev.answer_mode), golds[i])
 
     gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
-                  eos_token_id=stop_ids(r.model, r.tok))
+                  eos_token_id=stop_ids(r.model, r.tok), **r.config.generation.options(r.config.dtype))
     pc = dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
     return pivots.localize(r.model, greedy, [(rec["template"], rec["instance"]) for rec in train], judge_for,
                            pc, gen_kw, progress=r.progress)
@@ -455,7 +459,8 @@ def _add_side_effects(r: _Run, summary, params_after, after_key):
             if todo:
                 res = tasks_lib.run_tasks(m, r.tok, list(se.tasks), limit=se.limit, data_dir=se.data_dir,
                                           batch_size=se.batch_size, progress=r.progress,
-                                          gsm8k_max_new_tokens=se.gsm8k_max_new_tokens)
+                                          gsm8k_max_new_tokens=se.gsm8k_max_new_tokens,
+                                          generation=r.config.generation.options(r.config.dtype))
                 atomic.write_json(d / "results.json", res)
         out[name] = stages.read_json(d / "results.json")
         summary["timings_seconds"][name] = r.timings[name]

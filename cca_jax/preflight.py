@@ -95,23 +95,23 @@ def _side_effects(config, run_dir) -> None:
         tasks.prepare(list(se.tasks), limit=se.limit, data_dir=se.data_dir)
 
 
-def _model(config, run_dir) -> None:
-    """The model source: an installed offline model (checksum verified), an existing
-    path, or a hub id (in the cache when HF_HUB_OFFLINE is set)."""
+def _source(setting: str, m: str, yaml_ok: bool) -> None:
+    """A model source: an installed offline model (checksum verified), an existing path,
+    or a hub id (in the cache when HF_HUB_OFFLINE is set). ``yaml_ok``: a model YAML
+    (random weights, no tokenizer) is allowed."""
     from cca_jax import models
 
-    m = config.model
     if m in models.names():
         models.resolve(m)
         return
     from cca_jax.load import local_path, looks_like_path
 
     if local_path(m).exists():
-        if m.endswith((".yaml", ".yml")) and config.tokenizer != "char":
-            raise CCAError(f"model {m}: a model YAML has random weights and no tokenizer: set tokenizer: char")
+        if m.endswith((".yaml", ".yml")) and not yaml_ok:
+            raise CCAError(f"{setting} {m}: a model YAML has random weights and no tokenizer: set tokenizer: char")
         return
     if looks_like_path(m):
-        raise CCAError(f"model {m}: no such file or directory (give a Hugging Face directory, a hub id such as "
+        raise CCAError(f"{setting} {m}: no such file or directory (give a Hugging Face directory, a hub id such as "
                        f"google/gemma-2-2b-it, a .gguf file, a model YAML or one of {', '.join(models.names())})")
     if _hub_offline():
         try:
@@ -119,8 +119,21 @@ def _model(config, run_dir) -> None:
 
             snapshot_download(m, local_files_only=True)
         except Exception:
-            raise CCAError(f"model {m}: HF_HUB_OFFLINE is set and it is not in the hub cache: go online once "
+            raise CCAError(f"{setting} {m}: HF_HUB_OFFLINE is set and it is not in the hub cache: go online once "
                            f"(gated models: `hf auth login`), or pass a local directory") from None
+
+
+def _model(config, run_dir) -> None:
+    """The model source."""
+    _source("model", config.model, yaml_ok=config.tokenizer == "char")
+
+
+def _draft(config, run_dir) -> None:
+    """``generation.speculative: model``: the draft model's source (no tokenizer of its
+    own needed: drafts are token ids of the model's vocabulary)."""
+    g = config.generation
+    if g.speculative == "model":
+        _source("generation.draft", g.draft, yaml_ok=True)
 
 
 def _mesh(config, run_dir) -> None:
@@ -128,7 +141,7 @@ def _mesh(config, run_dir) -> None:
     are checked here when it does."""
 
 
-CHECKS: tuple[Callable, ...] = (_output, _extras, _data, _random_like, _side_effects, _model, _mesh)
+CHECKS: tuple[Callable, ...] = (_output, _extras, _data, _random_like, _side_effects, _model, _draft, _mesh)
 
 
 def check(config, run_dir: str | os.PathLike | None = None) -> None:

@@ -32,6 +32,7 @@ from cca_jax.evaluate.tasks import RENAMED as RENAMED_TASKS
 from cca_jax.evaluate.tasks import TASKS
 
 METHODS = ("cca", "sft_full", "sft_lora")
+SPECULATIVE = ("auto", "off", "ngram", "model")
 LOCALIZE = ("dcm", "patching", "attribution", "random")
 
 
@@ -63,6 +64,8 @@ RULES: dict[str, dict] = {
     "side_effects": {"tasks": Rule(lambda v: v in TASKS, f"one of {', '.join(TASKS)} (renamed: "
                                    + ", ".join(f"{a} is now {b}" for a, b in RENAMED_TASKS.items()) + ")"),
                      "limit": COUNT, "data_dir": NONEMPTY, "batch_size": COUNT, "gsm8k_max_new_tokens": COUNT},
+    "generation": {"speculative": one_of(*SPECULATIVE), "k": (COUNT, at_most(16)), "ngram": (COUNT, at_most(8)),
+                   "draft": NONEMPTY},
 }
 
 
@@ -156,6 +159,46 @@ class SideEffectsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """How every stage generates (evaluation, pivot sampling, the test, side effects).
+
+    Speculative decoding (cca_jax/speculative.py) is exact: the same greedy tokens (up to
+    floating-point ties) and the same sampling distribution as plain decoding. auto:
+    ngram on a GPU/TPU, where a decode step is memory-bound and verifying k + 1 tokens
+    costs about what one token does; off on the CPU, where a step is compute-bound and
+    the rejected drafts are paid in full (bench/NOTES.md, "Speculative decoding")."""
+
+    speculative: str = "auto"  # auto | off | ngram (drafts from the prompt and output) | model
+    k: int = 4  # draft tokens per verify step
+    ngram: int = 3  # longest suffix the n-gram lookup matches
+    draft: str | None = None  # speculative: model: the draft model (same tokenizer), any model source
+
+    def __post_init__(self):
+        check_fields(self, "generation")
+        if self.speculative == "model" and self.draft is None:
+            raise CCAError("generation.speculative: model needs generation.draft (a smaller model with the same "
+                           "tokenizer)")
+
+    def sampler(self) -> dict | None:
+        """What decides sampled tokens beyond the seed: None for plain decoding, else the
+        resolved speculative settings (part of the pivot stage's key)."""
+        from cca_jax import speculative
+
+        method = speculative.resolve(self.speculative)
+        if method == "off":
+            return None
+        return {"speculative": method, "k": self.k, "ngram": self.ngram,
+                **({"draft": self.draft} if method == "model" else {})}
+
+    def options(self, dtype: str = "auto") -> dict:
+        """``generate``'s keyword arguments (auto resolved for this process's backend; a
+        draft model loaded once)."""
+        from cca_jax import speculative
+
+        return speculative.options(self.speculative, self.k, self.ngram, self.draft, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str
     method: str = "cca"  # cca | sft_full | sft_lora (SPEC 5 baselines, configured by `sft:`)
@@ -179,6 +222,7 @@ class RunConfig:
     amplify: AmplifyConfig = AmplifyConfig()
     sft: SFTConfig = SFTConfig()
     side_effects: SideEffectsConfig = SideEffectsConfig()
+    generation: GenerationSettings = GenerationSettings()
 
     def __post_init__(self):
         check_fields(self, "")  # the sections checked themselves when they were built
@@ -192,7 +236,7 @@ class RunConfig:
 
 _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm": DCMConfig,
              "patching": PatchingConfig, "random": RandomCircuitConfig, "amplify": AmplifyConfig, "sft": SFTConfig,
-             "side_effects": SideEffectsConfig}
+             "side_effects": SideEffectsConfig, "generation": GenerationSettings}
 
 
 def _build(cls, raw, section: str = ""):

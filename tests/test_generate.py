@@ -11,37 +11,13 @@ import tiny
 from cca_jax.generate import Sampling, common_prefix_len, filter_logits, generate
 
 
-def hf_greedy(hf, prompts, max_new, eos=None):
-    """transformers generate (greedy) on a left-padded batch; ids after the prompt."""
-    T = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), T), dtype=torch.long)
-    att = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        att[i, T - len(p):] = 1
-    with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, do_sample=False,
-                          eos_token_id=eos, pad_token_id=0)
-    res = []
-    for row in out[:, T:].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos) + 1]
-        res.append(row)
-    return res
-
-
-def prompt_batch(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return [list(rng.integers(3, tiny.VOCAB, size=int(rng.integers(2, 12)))) for _ in range(n)]
-
-
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_greedy_token_identical_to_transformers(hf_dirs, family):
     hf, d = hf_dirs[family]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(8)
+    prompts = tiny.prompt_batch(8)
     assert len({len(p) for p in prompts}) > 1
-    want = hf_greedy(hf, prompts, 10)
+    want = tiny.hf_greedy(hf, prompts, 10)
     got = generate(model, prompts, 10, eos_token_id=[], chunk=4)
     assert got == want
 
@@ -49,10 +25,10 @@ def test_greedy_token_identical_to_transformers(hf_dirs, family):
 def test_eos_stops_a_row_and_is_kept(hf_dirs):
     hf, d = hf_dirs["llama"]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(8, seed=1)
+    prompts = tiny.prompt_batch(8, seed=1)
     free = generate(model, prompts, 12, eos_token_id=[])
     eos = free[0][3]  # a token row 0 emits: make it the EOS
-    want = hf_greedy(hf, prompts, 12, eos=eos)
+    want = tiny.hf_greedy(hf, prompts, 12, eos=eos)
     got = generate(model, prompts, 12, eos_token_id=eos, chunk=5)
     assert got == want and got[0][-1] == eos and len(got[0]) <= 4
 
@@ -61,7 +37,7 @@ def test_shared_prefix_cache_gives_the_same_tokens(hf_dirs):
     _, d = hf_dirs["gemma2"]  # sliding window: positions must be right after the prefix
     model, _ = cca_jax.load_model(d)
     shared = list(np.random.default_rng(5).integers(3, tiny.VOCAB, size=10))
-    prompts = [shared + p for p in prompt_batch(6, seed=2)]
+    prompts = [shared + p for p in tiny.prompt_batch(6, seed=2)]
     assert common_prefix_len(prompts) >= 10
     a = generate(model, prompts, 8, eos_token_id=[], share_prefix=True, min_shared_prefix=4)
     b = generate(model, prompts, 8, eos_token_id=[], share_prefix=False)
@@ -71,7 +47,7 @@ def test_shared_prefix_cache_gives_the_same_tokens(hf_dirs):
 def test_batches_and_order(hf_dirs):
     _, d = hf_dirs["qwen2"]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(7, seed=3)
+    prompts = tiny.prompt_batch(7, seed=3)
     whole = generate(model, prompts, 6, eos_token_id=[], batch_size=8)
     split = generate(model, prompts, 6, eos_token_id=[], batch_size=3)
     single = [generate(model, [p], 6, eos_token_id=[])[0] for p in prompts[:2]]
@@ -81,7 +57,7 @@ def test_batches_and_order(hf_dirs):
 def test_stop_rule_cuts_each_row(hf_dirs):
     _, d = hf_dirs["olmo2"]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(4, seed=4)
+    prompts = tiny.prompt_batch(4, seed=4)
     free = generate(model, prompts, 12, eos_token_id=[])
     cut = generate(model, prompts, 12, eos_token_id=[], stop=lambda ids: 3 if len(ids) >= 5 else None, chunk=2)
     assert cut == [row[:3] for row in free]
@@ -94,7 +70,7 @@ def test_decode_ahead_same_tokens_and_at_most_one_extra_chunk(hf_dirs, monkeypat
 
     _, d = hf_dirs["llama"]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(6, seed=6)
+    prompts = tiny.prompt_batch(6, seed=6)
     calls = []
     real = gen.decode_chunk
 
@@ -125,7 +101,7 @@ def test_decode_ahead_same_tokens_and_at_most_one_extra_chunk(hf_dirs, monkeypat
 def test_sampling_reproducible_with_key(hf_dirs):
     _, d = hf_dirs["gemma3"]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(4)
+    prompts = tiny.prompt_batch(4)
     kw = dict(temperature=1.0, top_k=20, top_p=0.9, eos_token_id=[])
     a = generate(model, prompts, 8, key=jax.random.key(1), **kw)
     b = generate(model, prompts, 8, key=jax.random.key(1), **kw)
@@ -175,7 +151,7 @@ def test_generation_config_is_what_the_keywords_build(hf_dirs):
 
     _, d = hf_dirs["llama"]
     model, _ = cca_jax.load_model(d)
-    prompts = prompt_batch(3, seed=7)
+    prompts = tiny.prompt_batch(3, seed=7)
     config = GenerationConfig.of(5, eos_token_id=[], chunk=2, write_first=False)
     assert config == GenerationConfig(5, Sampling(), eos_token_id=[], chunk=2, write_first=False)
     got = generate_with(model, prompts, config)

@@ -98,6 +98,31 @@ def hf_logits(model, ids, attention_mask=None):
         return model(torch.as_tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
 
 
+def hf_greedy(hf, prompts, max_new, eos=None):
+    """transformers generate (greedy) on a left-padded batch; ids after the prompt."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), T), dtype=torch.long)
+    att = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        att[i, T - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)
+    res = []
+    for row in out[:, T:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        res.append(row)
+    return res
+
+
+def prompt_batch(n=8, seed=0):
+    """n random prompts of 2-11 tokens (ragged: rows get different left padding)."""
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(3, VOCAB, size=int(rng.integers(2, 12)))) for _ in range(n)]
+
+
 def write_gguf(path, extra_tensor=None, arch: str = "llama", up_shape=(16, 8)):
     """A 1-layer GGUF file (float32 tensors) of ``arch``; ``up_shape`` (16, 8) is the
     layout the reader expects, ``extra_tensor`` a (name, shape) added to it."""

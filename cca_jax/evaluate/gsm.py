@@ -77,8 +77,11 @@ def evaluate(
     chat_template: bool = False,
     progress: bool = True,
     desc: str = "eval",
+    generation: dict | None = None,
 ) -> tuple[Accuracy, list[dict]]:
-    """Greedy-generate an answer for every item and score it. Returns (accuracy, records)."""
+    """Greedy-generate an answer for every item and score it. Returns (accuracy, records).
+    ``generation``: more ``generate`` options (speculative decoding: a run config's
+    ``generation.options()``)."""
     from cca_jax.generate import generate, stop_ids
 
     prompts = [encode(tokenizer, it.question, n_shots, chat_template) for it in items]
@@ -110,7 +113,7 @@ def evaluate(
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     generate(model, prompts, max_new_tokens, stop=answers.stop_rule(tokenizer), batch_size=batch_size,
-             eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad, on_batch=on_batch)
+             eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad, on_batch=on_batch, **(generation or {}))
     if bar is not None:
         bar.close()
     recs = [r for r in records if r is not None]

@@ -406,14 +406,16 @@ def newline_stop(tokenizer):
 
 
 def eval_triviaqa(model, tokenizer, items: Sequence[TriviaQAItem], shots: Sequence[TriviaQAItem], *,
-                  max_new_tokens: int = 24, batch_size: int = 16, progress: bool = True) -> dict:
+                  max_new_tokens: int = 24, batch_size: int = 16, progress: bool = True,
+                  generation: dict | None = None) -> dict:
     from cca_jax.generate import generate, stop_ids
 
     prompts = [list(tokenizer(triviaqa_prompt(it.question, shots))["input_ids"]) for it in items]
     bar = _bar(len(items), "triviaqa_5shot", progress)
     outs = generate(model, prompts, max_new_tokens, stop=newline_stop(tokenizer), batch_size=batch_size,
                     chunk=8, eos_token_id=stop_ids(model, tokenizer), pad_token_id=_pad_id(tokenizer),
-                    on_batch=(lambda idx, _: bar.update(len(idx))) if bar is not None else None)
+                    on_batch=(lambda idx, _: bar.update(len(idx))) if bar is not None else None,
+                    **(generation or {}))
     if bar is not None:
         bar.close()
     records = []
@@ -426,14 +428,14 @@ def eval_triviaqa(model, tokenizer, items: Sequence[TriviaQAItem], shots: Sequen
 
 
 def eval_gsm8k(model, tokenizer, items: Sequence[GSM8KItem], *, max_new_tokens: int = 256, n_shots: int = 8,
-               batch_size: int = 16, progress: bool = True) -> dict:
+               batch_size: int = 16, progress: bool = True, generation: dict | None = None) -> dict:
     from cca_jax.data.gsm_symbolic import Item
     from cca_jax.evaluate import gsm
 
     gitems = [Item(template=it.index, instance=0, question=it.question, answer=it.gold, answer_text=it.answer_text)
               for it in items]
     _, recs = gsm.evaluate(model, tokenizer, gitems, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           n_shots=n_shots, progress=progress, desc="gsm8k_cot_8shot")
+                           n_shots=n_shots, progress=progress, desc="gsm8k_cot_8shot", generation=generation)
     records = [{"index": r["template"], "question": r["question"], "generated_text": r["generated_text"],
                 "n_generated": len(r["generated_tokens"]), "extracted": r["extracted"], "gold": r["gold"],
                 "correct": r["correct"]} for r in recs]
@@ -480,11 +482,12 @@ def finite_or_null(obj):
 
 def run_tasks(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None = None, data_dir=None,
               batch_size: int = 16, progress: bool = True, gsm8k_max_new_tokens: int = 256,
-              triviaqa_max_new_tokens: int = 24, data: dict | None = None) -> dict:
+              triviaqa_max_new_tokens: int = 24, data: dict | None = None, generation: dict | None = None) -> dict:
     """Run the benchmarks; returns {task: {"metric", "score", "n", "seconds", "records", ...}}.
 
     limit: at most N items per task (MMLU: round-robin over subjects). data: what
     ``prepare`` returned for the same tasks/limit/data_dir (read again if None).
+    generation: more ``generate`` options for TriviaQA and GSM8K (speculative decoding).
     """
     if tokenizer is None:
         raise CCAError("the side-effect benchmarks need a tokenizer")
@@ -507,10 +510,10 @@ def run_tasks(model, tokenizer, tasks: str | Iterable[str], *, limit: int | None
         elif name == "triviaqa_5shot":
             items, shots = data["triviaqa"]
             res = {name: eval_triviaqa(model, tokenizer, items, shots, max_new_tokens=triviaqa_max_new_tokens,
-                                       batch_size=batch_size, progress=progress)}
+                                       batch_size=batch_size, progress=progress, generation=generation)}
         else:
             res = {name: eval_gsm8k(model, tokenizer, data["gsm8k"], max_new_tokens=gsm8k_max_new_tokens,
-                                    batch_size=batch_size, progress=progress)}
+                                    batch_size=batch_size, progress=progress, generation=generation)}
         seconds = round(time.perf_counter() - t0, 2)
         for k, v in res.items():
             out[k] = {**v, "seconds": seconds}

@@ -26,7 +26,9 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
     v: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
     pos: jax.Array  # (B, S) int32 position held by each slot, -1 if none
-    index: jax.Array  # () int32: next slot to write
+    # () int32: the next slot to write, shared by every row; or (B,) per row (speculative
+    # decoding: rows advance by different amounts), see ``write_rows``
+    index: jax.Array
     # static: True for a cache straight from init_cache. A long call into an empty cache
     # attends over its own tokens only (causal query blocks, no empty slots) and then
     # writes them; the cache it returns is not empty.
@@ -53,6 +55,25 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KV
         index=jnp.zeros((), jnp.int32),
         empty=True,
     )
+
+
+def per_row(index: jax.Array) -> bool:
+    """Whether a cache's ``index`` is one start per row (else one shared start)."""
+    return jnp.ndim(index) == 1
+
+
+def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``new`` written into ``buf`` along ``axis`` (the slots axis; axis 0 is the batch)
+    from each row's own start ``index`` (B,). Slots past the end of the buffer are
+    dropped: a speculative verify call near the end of the budget computes tokens no row
+    needs, and their keys have nowhere to go."""
+    T = new.shape[axis]
+
+    def row(b, n, i):
+        at = (slice(None),) * (axis - 1) + (i + jnp.arange(T),)
+        return b.at[at].set(n, mode="drop")
+
+    return jax.vmap(row)(buf, new, index)
 
 
 @functools.partial(jax.jit, static_argnames=("batch",))

@@ -21,7 +21,7 @@ from flax import struct
 from cca_jax.config import Tuning
 from cca_jax.model import attention_kernels
 from cca_jax.model.attention import attend_buffer, attend_cached, attend_self_xla, heads_major
-from cca_jax.model.cache import KVCache
+from cca_jax.model.cache import KVCache, per_row, write_rows
 
 
 class CacheUse(enum.Enum):
@@ -79,14 +79,17 @@ class ReadCache:
 class WriteCache:
     k: jax.Array  # this layer's (B, KV, S, Dh) buffers
     v: jax.Array
-    index: jax.Array  # () the slot this call's first token goes to
+    index: jax.Array  # () the slot this call's first token goes to, or (B,) one per row
     k_pos: jax.Array  # (B, S) the slots' positions after this call's are written
 
     def attend(self, cfg, q, k, v, q_pos, sliding, index_causal: bool):
         """(out (B,T,H,Dh), the layer's buffers with this call's keys/values written)."""
         qh, kh, vh = heads_major(_grouped(q, cfg.num_kv_heads), k.astype(self.k.dtype), v.astype(self.v.dtype))
-        k_all = jax.lax.dynamic_update_slice(self.k, kh, (0, 0, self.index, 0))
-        v_all = jax.lax.dynamic_update_slice(self.v, vh, (0, 0, self.index, 0))
+        if per_row(self.index):  # speculative decoding: each row writes at its own slot
+            k_all, v_all = write_rows(self.k, kh, self.index, 2), write_rows(self.v, vh, self.index, 2)
+        else:
+            k_all = jax.lax.dynamic_update_slice(self.k, kh, (0, 0, self.index, 0))
+            v_all = jax.lax.dynamic_update_slice(self.v, vh, (0, 0, self.index, 0))
         return attend_buffer(cfg, qh, k_all, v_all, q_pos, self.k_pos, sliding).reshape(q.shape), (k_all, v_all)
 
 

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model import intervention as iv_lib
-from cca_jax.model.cache import KVCache
+from cca_jax.model.cache import KVCache, per_row, write_rows
 from cca_jax.model.intervention import Intervention
 from cca_jax.model.layers import activation, apply_rope, rms_norm, rope_tables, softcap
 from cca_jax.model.modes import AttentionMode, CacheUse, OwnKeys, WriteCache, cache_use, layer_mode
@@ -89,7 +89,12 @@ def _positions(tokens, mask, positions, cache: KVCache | None) -> Positions:
         positions = start + jnp.cumsum(mask, axis=1) - 1
     positions = positions.astype(jnp.int32)
     k_new = jnp.where(mask, positions, -1)
-    k_all = k_new if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.pos, k_new, cache.index, axis=1)
+    if cache is None:
+        k_all = k_new
+    elif per_row(cache.index):  # speculative decoding: each row writes at its own slot
+        k_all = write_rows(cache.pos, k_new, cache.index, 1)
+    else:
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache.pos, k_new, cache.index, axis=1)
     return Positions(positions, k_new, k_all)
 
 
@@ -240,7 +245,10 @@ def _layers(cfg, layers, x, call: CallConsts, use: CacheUse, cache, pos: Positio
 def _cache_after(cache: KVCache, use: CacheUse, kvs, pos: Positions, T: int) -> KVCache:
     """The cache after the call: READ and FRESH write this call's keys/values (B, T, KV,
     Dh) into their slots, in place; WRITE's layers returned their written buffers."""
-    if use in (CacheUse.READ, CacheUse.FRESH):
+    if use in (CacheUse.READ, CacheUse.FRESH) and per_row(cache.index):
+        kvs = [tuple(write_rows(full, new.transpose(0, 2, 1, 3).astype(full.dtype), cache.index, 2)
+                     for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
+    elif use in (CacheUse.READ, CacheUse.FRESH):
         kvs = [tuple(jax.lax.dynamic_update_slice(full, new.transpose(0, 2, 1, 3).astype(full.dtype),
                                                   (0, 0, cache.index, 0))
                      for full, new in zip((cache.k[i], cache.v[i]), kv)) for i, kv in enumerate(kvs)]
@@ -286,8 +294,9 @@ def forward(
     mask: (B, T) bool, False for padding tokens (never attended to); default all True.
     positions: (B, T) rope positions; default counts the valid tokens of each row,
         continuing after what ``cache`` already holds (so left padding just works).
-    cache: when given, this call's keys/values are written at ``cache.index`` and attention
-        covers everything the cache holds; the updated cache is returned.
+    cache: when given, this call's keys/values are written at ``cache.index`` (one slot
+        for all rows, or a (B,) slot per row) and attention covers everything the cache
+        holds; the updated cache is returned.
     at: (B, P) indices into this call's tokens: logits (and activations) only there.
     vocab: (K,) token ids: logits only for these (B, P, K); a loss that reads a few
         logits then skips the rest of the output matmul and its gradient.
