@@ -68,7 +68,9 @@ EOF
 }
 
 perf() {
-  CUDA_VISIBLE_DEVICES=1 python3 bench/gpu_perf.py --baseline .devdata/bench/torch_baseline.py --out "$OUT/perf" "$@"
+  CUDA_VISIBLE_DEVICES=1 BENCH_GGUF=$GGUF python3 bench/gpu_perf.py --baseline .devdata/bench/torch_baseline.py \
+    --only "${PERF_ONLY:-limits,dcm,amplify_dots,generate,generate_shared,generate_spec,spec_cost,baseline}" \
+    --out "$OUT/perf" "$@"
 }
 
 mesh() {
