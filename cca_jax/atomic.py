@@ -35,6 +35,18 @@ _FORMAT = "cca_jax export"
 _VERSION = 1
 
 
+def _writer() -> bool:
+    """False on processes other than 0 of a multi-process JAX run: every process computes
+    the same results and only process 0 writes them (the file functions below then
+    return the path and write nothing). JAX is not imported here for this."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return True
+    return jax.process_index() == 0
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_lines(path, [text])
 
@@ -61,6 +73,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     p = Path(path)
+    if not _writer():
+        plt.close(fig)
+        return p
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_file(p, suffix=p.suffix)  # the suffix tells matplotlib the format
     os.close(fd)
@@ -78,6 +93,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 def write_lines(path: str | os.PathLike, chunks: Iterable[str]) -> Path:
     """Write ``chunks`` (streamed, not joined in memory) to ``path`` atomically."""
     p = Path(path)
+    if not _writer():
+        return p
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_file(p)
     try:

@@ -164,17 +164,23 @@ def cmd_eval(args) -> int:
     items = gsm.select(items, _ids(args.templates), args.limit)
     if not items:
         raise CCAError("no items left after --templates/--limit/--split: nothing to evaluate")
-    model, tok = load_model(_source(args.model), dtype=args.dtype, attention=args.attention)
+    mesh_cfg = _mesh_config(args.set)  # before anything is loaded
+    model, tok = load_model(_source(args.model), dtype=args.dtype, attention=args.attention,
+                            mesh=_build_mesh(mesh_cfg))
     if tok is None:
         raise CCAError(f"{args.model}: no tokenizer found: evaluation needs one")
+    model = _generation_layout(model, mesh_cfg)
     t0 = time.perf_counter()
     acc, records = gsm.evaluate(model, tok, items, mode=args.mode, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, n_shots=args.shots,
-                                chat_template=args.chat_template, generation=generation.options(args.dtype))
+                                chat_template=args.chat_template, generation=generation.options(args.dtype),
+                                progress=_writer())
     meta = {"model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
             "mode": args.mode, "max_new_tokens": args.max_new_tokens, "shots": args.shots,
             "chat_template": args.chat_template, "seconds": round(time.perf_counter() - t0, 2)}
     out = gsm.write_results(args.out, acc, records, meta)
+    if not _writer():
+        return 0
     how = ", templates resampled" if acc.interval == "templates" else ""
     print(f"accuracy {acc.overall:.3f} (95% CI {acc.low:.3f}-{acc.high:.3f}{how}) over {len(acc.per_template)} "
           f"templates, {acc.n_items} items; results in {out}")
@@ -190,6 +196,8 @@ def cmd_run(args) -> int:
     out = args.out or f"runs/{runconfig.resolve(args.config).stem}"
     preflight.check(cfg, out)  # data, extras, model source, output: before any download or load
     summary = pipeline.run(cfg, out, progress=not args.quiet)
+    if not _writer():  # several processes: process 0 reports
+        return 0
     b, a = summary["test_accuracy_before"], summary["test_accuracy_after"]
     print(f"test accuracy before {b['overall']:.3f} [{b['low']:.3f}, {b['high']:.3f}]  "
           f"after {a['overall']:.3f} [{a['low']:.3f}, {a['high']:.3f}]  (best step {summary['best_step']})")
@@ -288,8 +296,10 @@ def cmd_bench_tasks(args) -> int:
     _check_counts(args, {"batch_size": 1, "max_new_tokens": 1})
     generation = _generation(args)
     check_output_file(args.out)  # before the benchmarks run, not after
+    mesh_cfg = _mesh_config(args.set)
     data = tasks.prepare(args.tasks, limit=args.limit, data_dir=args.data_dir)  # errors before loading
-    model, tok = load_model(_source(args.model), dtype=args.dtype)
+    model, tok = load_model(_source(args.model), dtype=args.dtype, mesh=_build_mesh(mesh_cfg))
+    model = _generation_layout(model, mesh_cfg)
     if args.tokenizer == "char":
         from cca_jax.char_tokenizer import char_tokenizer
 
@@ -298,11 +308,13 @@ def cmd_bench_tasks(args) -> int:
         raise CCAError(f"{args.model}: no tokenizer found; pass --tokenizer char for random test models")
     t0 = time.perf_counter()
     res = tasks.run_tasks(model, tok, data["tasks"], batch_size=args.batch_size, data=data,
-                          progress=not args.quiet, gsm8k_max_new_tokens=args.max_new_tokens,
+                          progress=not args.quiet and _writer(), gsm8k_max_new_tokens=args.max_new_tokens,
                           generation=generation.options(args.dtype))
     meta = {"model": args.model, "dtype": str(model.dtype), "data_dir": data["data_dir"], "limit": args.limit,
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
     out = atomic.write_json(args.out, tasks.finite_or_null({**meta, "tasks": res}))  # JSON has no NaN
+    if not _writer():
+        return 0
     for name, r in res.items():
         score = "n/a (no items)" if r["n"] == 0 else f"{r['score']:.4f}"
         print(f"{name}: {r['metric']} {score} (n={r['n']}, {r['seconds']:.1f}s)")
@@ -316,8 +328,120 @@ def cmd_demo(args) -> int:
 
     check_run_dir(args.out)  # demo.run checks the rest (preflight) before any load
     demo.run(args.out, model=args.model, templates=args.templates, overrides=args.set, config=args.config,
-             progress=not args.quiet)
+             progress=not args.quiet, log=print if _writer() else (lambda s: None))
     return 0
+
+
+# -- meshes and processes ---------------------------------------------------------------------------
+
+def _writer() -> bool:
+    from cca_jax.mesh import is_writer
+
+    return is_writer()
+
+
+def _mesh_config(sets):
+    """The mesh section of ``--set mesh.KEY=VALUE`` options (eval, bench-tasks)."""
+    from cca_jax import runconfig
+    from cca_jax.errors import CCAError
+    from cca_jax.mesh import MeshConfig
+
+    bad = [x for x in sets if not x.split("=", 1)[0].strip().startswith("mesh.")]
+    if bad:
+        raise CCAError(f"--set here takes mesh.KEY=VALUE only (mesh.fsdp, mesh.tp, mesh.generate), got {bad[0]!r}")
+    raw = runconfig.apply_overrides({}, list(sets)).get("mesh") or {}
+    return runconfig._build(MeshConfig, raw, "mesh")
+
+
+def _build_mesh(mesh_cfg):
+    from cca_jax import mesh
+
+    return mesh.build(mesh_cfg)
+
+
+def _generation_layout(model, mesh_cfg):
+    from cca_jax import mesh
+
+    params = model.params()
+    return model.with_params(mesh.relayout(params, mesh.resolve(mesh_cfg.generate, "generate", params)))
+
+
+def _start_processes(args) -> None:
+    """``jax.distributed`` before anything touches JAX: --distributed (found automatically,
+    e.g. on a TPU pod slice) or --coordinator/--num-processes/--process-id."""
+    if not hasattr(args, "coordinator"):
+        return
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(v is not None for v in explicit):
+        from cca_jax import mesh
+
+        mesh.initialize_distributed(*explicit)
+
+
+def _add_processes(s) -> None:
+    g = s.add_argument_group("several processes (one per host; jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run found automatically (a TPU pod slice, SLURM)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (every process passes the same)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="how many processes in all")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+
+
+def cmd_plan(args) -> int:
+    import os
+
+    from cca_jax import runconfig
+    from cca_jax.errors import CCAError
+
+    _check_counts(args, {"max_devices": 1, "prompt_tokens": 1, "examples": 1, "pivot_tokens": 1})
+    cfg = runconfig.load(args.config, args.set)
+    budget = None
+    if args.device_memory is not None:
+        from cca_jax.plan import parse_bytes
+
+        budget = parse_bytes(args.device_memory)
+    if args.meshes:
+        try:
+            meshes = [tuple(int(v) for v in m.lower().split("x")) for m in args.meshes.split(",") if m.strip()]
+            assert meshes and all(len(m) == 2 and min(m) >= 1 for m in meshes)
+        except (ValueError, AssertionError):
+            raise CCAError(f"--meshes takes FSDPxTP,... (e.g. 1x2,2x1,2x4), got {args.meshes!r}") from None
+    elif budget is not None:
+        from cca_jax.plan import candidate_meshes
+
+        meshes = candidate_meshes(args.max_devices)
+    else:
+        meshes = [(cfg.mesh.fsdp, cfg.mesh.tp)]
+    need = max(f * t for f, t in meshes)
+    _host_devices(need)
+    from cca_jax import plan
+
+    w = plan.workload(cfg, args.prompt_tokens, args.examples, args.pivot_tokens)
+    res = plan.plan(cfg, budget, meshes, w, exact=args.exact)
+    print(plan.format_table(res))
+    if args.json:
+        from cca_jax import atomic
+
+        atomic.write_json(args.json, res)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _host_devices(n: int) -> None:
+    """The planner compiles for ``n`` CPU devices: set that up before JAX starts (a
+    process whose JAX already started keeps the devices it has)."""
+    import os
+
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -376,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill attention: xla, or tokamax's fused kernels (pip install 'cca_jax[kernels]')")
     _add_generation_options(s)
     s.add_argument("--out", default="runs/eval", help="output directory")
+    s.add_argument("--set", action="append", default=[], metavar="mesh.KEY=VALUE",
+                   help="a device mesh, e.g. --set mesh.fsdp=2 --set mesh.tp=4 (as a run config's mesh: section)")
+    _add_processes(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("circuit", help="inspect circuits of finished runs")
@@ -409,7 +536,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set dcm.reg=0.005 (repeatable)")
     s.add_argument("--out", help="run directory (default runs/<config name>)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_processes(s)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("plan", help="each stage's per-device peak memory on a mesh, without running the model; "
+                       "with --device-memory, the smallest mesh that fits")
+    s.add_argument("config", help="a run config")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 16GiB (TPU v5e), 32GiB (v4), "
+                   "80GiB; then meshes are tried from 1 device up")
+    s.add_argument("--meshes", metavar="FxT,...", help="meshes to plan, e.g. 1x1,1x2,2x1 (default: the config's, or "
+                   "with --device-memory every fsdp x tp up to --max-devices)")
+    s.add_argument("--max-devices", type=int, default=64, help="largest mesh tried with --device-memory (default 64)")
+    s.add_argument("--prompt-tokens", type=int, help="longest prompt (default: measured with the model's tokenizer "
+                   "where it is at hand, else 1024)")
+    s.add_argument("--examples", type=int, help="localization examples (default: the train items, an upper bound)")
+    s.add_argument("--pivot-tokens", type=int, help="longest localization example (default: prompt + "
+                   "eval.max_new_tokens)")
+    s.add_argument("--exact", action="store_true", help="compile at full depth (default: at 2 and 4 layers, "
+                   "extrapolated)")
+    s.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("bench-tasks", help="side-effect benchmarks: MMLU (5-shot), TruthfulQA MC1/MC2, "
                        "TriviaQA (5-shot), GSM8K (8-shot CoT)")
@@ -429,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_generation_options(s)
     s.add_argument("--out", required=True, help="results .json (written atomically)")
+    s.add_argument("--set", action="append", default=[], metavar="mesh.KEY=VALUE",
+                   help="a device mesh, e.g. --set mesh.fsdp=2 --set mesh.tp=4")
+    _add_processes(s)
     s.set_defaults(func=cmd_bench_tasks)
 
     s = sub.add_parser("demo", help="CCA end to end on a small pretrained model from PyPI, offline, on CPU (resumable)")
@@ -441,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set amplify.steps=4 (repeatable)")
     s.add_argument("--config", help="a run config instead of demo (a packaged name such as tiny, or a YAML file)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_processes(s)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("configs", help="list the packaged run configs, or print one (to copy and edit)")
@@ -462,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
+        _start_processes(args)
         return args.func(args)
     except CCAError as err:
         print(f"cca-jax: error: {err}", file=sys.stderr)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cca_jax import mesh as mesh_lib, timing
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.cache import KVCache, init_cache, tile_cache
-from cca_jax.model.params import unstack_layers
 from cca_jax.model.prefill import left_pad, prefill
 from cca_jax.model.transformer import forward
 
@@ -186,7 +186,7 @@ class _Plan:
 
 def _plan(model, prompts, config: GenerationConfig) -> _Plan:
     cfg, stacked = model.config, model.params()
-    params = unstack_layers(stacked)
+    params = mesh_lib.per_layer(stacked)  # unstack_layers; unmerged when heads are split over devices
     eos = jnp.asarray(_eos_ids(model, config.eos_token_id))
     shared = common_prefix_len(prompts) if config.share_prefix and len(prompts) > 1 else 0
     if shared < config.min_shared_prefix:
@@ -195,7 +195,7 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
     size = _bucket(shared + suffix_len + config.max_new_tokens, 128)
     prefix = None
     if shared:
-        c = init_cache(cfg, 1, size, model.dtype)
+        c = init_cache(cfg, 1, size, model.dtype, mesh_lib.cache_sharding(stacked, 1, cfg.num_kv_heads))
         _, prefix = prefill(cfg, stacked, jnp.asarray([prompts[0][:shared]], jnp.int32), jnp.ones((1, shared), bool), c)
     return _Plan(cfg, stacked, params, model.dtype, eos, shared, tuple(prompts[0][:shared]), suffix_len, size, prefix)
 
@@ -234,8 +234,9 @@ def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop
         # read (once rows finish, a chunk sent ahead could be wasted work: one at a time)
         if config.ahead and not any_done and sent < config.max_new_tokens:
             pending, sent = _launch(plan, config, state, stopped, sent)
-        out = np.concatenate([out, np.asarray(new)], axis=1)
-        done_host = np.asarray(state[2])
+        # the tokens so far (gathered from every process's devices on a multi-host mesh)
+        new, done_host = timing.fetch((new, state[2]))
+        out = np.concatenate([out, new], axis=1)
         if stop is not None:
             _check_stops(stop, out, stopped, keep, n, eos)
         finished = done_host | stopped
@@ -254,9 +255,16 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
     n = len(rows)
     if pad_rows and n < config.batch_size:  # keep one compiled shape: pad rows
         rows = rows + [rows[-1]] * (config.batch_size - n)
+    # on a mesh, whole rows per device: padded to a multiple of the data axis (the rows
+    # already there draw the same random numbers: they depend on the row, not the count)
+    rows = rows + [rows[-1]] * (mesh_lib.padded_rows(plan.stacked, len(rows)) - len(rows))
     toks, mask = left_pad(rows, plan.suffix_len, config.pad_token_id)
-    cache = tile_cache(plan.prefix, len(rows)) if plan.shared else init_cache(plan.cfg, len(rows), plan.size, plan.dtype)
-    logits, cache = prefill(plan.cfg, plan.stacked, jnp.asarray(toks), jnp.asarray(mask), cache)
+    # on a mesh: rows over the data axis, the cache laid out like the weights (mesh.py)
+    cs = mesh_lib.cache_sharding(plan.stacked, len(rows), plan.cfg.num_kv_heads)
+    cache = (tile_cache(plan.prefix, len(rows), cs) if plan.shared
+             else init_cache(plan.cfg, len(rows), plan.size, plan.dtype, cs))
+    logits, cache = prefill(plan.cfg, plan.stacked, mesh_lib.rows(toks, plan.stacked),
+                            mesh_lib.rows(mask, plan.stacked), cache)
     if config.speculative != "off":
         from cca_jax import speculative
 

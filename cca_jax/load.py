@@ -74,6 +74,17 @@ def local_path(src: str) -> Path:
     return path
 
 
+def _random_sharded(cfg, seed: int, dtype, mesh):
+    """The random weights ``Transformer(cfg, rngs=nnx.Rngs(seed))`` draws, made in place
+    on the mesh (each device computes its own shards: never the whole model on one)."""
+    from cca_jax.model.params import init_params
+
+    key = nnx.Rngs(seed).params()
+    abstract = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
+    out = sharding_lib.param_shardings(abstract, mesh)
+    return jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=out)(key)
+
+
 def load_model(
     source: str | os.PathLike,
     dtype: Any = "auto",
@@ -111,10 +122,10 @@ def load_model(
 
         cfg, seed = model_yaml.read(path)
         cfg = cfg.replace(attention=attention)
-        model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=_resolve_dtype(dtype, "float32"))
-        if mesh is not None:
-            model = model.with_params(sharding_lib.shard_params(model.params(), mesh))
-        return model, None
+        dt = _resolve_dtype(dtype, "float32")
+        if mesh is None:
+            return Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dt), None
+        return Transformer(cfg, rngs=nnx.Rngs(0), params=_random_sharded(cfg, seed, dt, mesh)), None
     if path.is_file():
         if path.suffix != ".gguf":
             raise CCAError(f"{path}: not a model: pass a Hugging Face directory, a hub id or a .gguf file")

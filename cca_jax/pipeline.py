@@ -6,6 +6,12 @@ Every stage writes into the run directory and records a hash of its inputs (``st
 a rerun reuses each finished stage whose inputs and files are unchanged, and training
 resumes from its last committed checkpoint (``train_loop``), so a killed run continues
 where it stopped. One run at a time per run directory (an OS lock).
+
+On a device mesh (``mesh:`` of the config, ``cca_jax.mesh``) the model is loaded sharded
+and each stage computes in its own layout (``_Run.model_for``); the stage keys do not
+hash the mesh, so a run resumes on another one. With several processes every process
+runs every stage; process 0 alone writes the run directory (shared storage), logs and
+draws progress bars, and the processes agree on which stages are done.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax
 import numpy as np
 
 from cca_jax import atomic, stages, timing, train_loop
+from cca_jax import mesh as mesh_lib
 from cca_jax.cca import components
 from cca_jax.data import answers, gsm_symbolic
 from cca_jax.errors import CCAError
@@ -46,6 +53,28 @@ class _Run:
     progress: bool
     log: Callable[[str], None]
     timings: dict
+    placed: dict = dataclasses.field(default_factory=dict)  # the one cached copy of the weights in another layout
+
+    def layout(self, kind: str, params) -> str:
+        return mesh_lib.resolve(getattr(self.config.mesh, kind), kind, params)
+
+    def model_for(self, kind: str):
+        """The model laid out for a stage of ``kind`` (generate, dcm, train: ``mesh:`` of the
+        config); the stored model itself on one device or when the layouts agree. One
+        other layout's copy is kept at a time (the next stage of the same kind reuses it)."""
+        params = self.model.params()
+        layout = self.layout(kind, params)
+        if mesh_lib.mesh_of(params) is None or layout == mesh_lib.layout_of(params):
+            self.placed.clear()
+            return self.model
+        if self.placed.get("layout") != layout:
+            self.placed.clear()  # the earlier copy goes before the new one is made
+            self.placed.update(layout=layout, model=self.model.with_params(mesh_lib.relayout(params, layout)))
+        return self.placed["model"]
+
+    def generating(self, params):
+        """A model of ``params`` (e.g. trained ones) in the generation layout."""
+        return self.model.with_params(mesh_lib.relayout(params, self.layout("generate", params)))
 
     @property
     def pad(self) -> int:
@@ -55,11 +84,12 @@ class _Run:
     def stage(self, name: str, key: str):
         """Run the block (the stage's work) unless stage ``name`` is done with ``key``:
         yields whether to run it; records the stage's time split either way."""
-        todo = not self.stages.done(name, key)
+        todo = bool(mesh_lib.agree(not self.stages.done(name, key)))  # process 0 decides for all
         if todo:
             with timing.account() as acc:
                 yield True
             self.stages.finish(name, key, acc.wall, timing=acc.to_json())
+            mesh_lib.sync(f"cca_jax stage {name}")  # process 0's files are written before anyone reads them
         else:
             yield False
         self.timings[name] = self.stages.timing(name)
@@ -89,12 +119,16 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
     """Run (or resume) CCA, or an SFT baseline (``config.method``), and return the summary
     (also written to summary.json). ``model``/``tokenizer``: an already loaded model (e.g.
     sharded over a mesh) that ``config.model`` names; loaded from ``config.model`` when
-    None. ``on_amplify_step(step)`` is called after every amplification or fine-tuning
-    step."""
+    None, sharded over ``config.mesh``. ``on_amplify_step(step)`` is called after every
+    amplification or fine-tuning step."""
     from cca_jax import preflight
 
-    preflight.check(config, run_dir)  # data, extras, output dir, model source: before any work
+    # data, extras, output dir, model source, the mesh against the devices: before any work
+    # (a model given already on a mesh brings its own: the config's mesh places nothing)
+    preflight.check(config, run_dir, mesh=model is None or mesh_lib.mesh_of(model.params()) is None)
     run_dir = stages.prepare_run_dir(run_dir)
+    if not mesh_lib.is_writer():  # several processes: process 0 logs and draws progress bars
+        progress, log = False, (lambda s: None)
     with stages.RunLock(run_dir):
         return _run(config, run_dir, model, tokenizer, progress, on_amplify_step, log)
 
@@ -108,6 +142,10 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     timings: dict[str, dict] = {}
     with timing.account() as acc:
         model, tok, source = _load(config, model, tok)
+        if mesh_lib.mesh_of(model.params()) is not None:
+            m = mesh_lib.mesh_of(model.params())
+            log(f"mesh fsdp={m.shape['fsdp']} x tp={m.shape['tp']} over {m.size} {jax.default_backend()} devices"
+                + (f" in {jax.process_count()} processes" if mesh_lib.multi_process() else ""))
     timings["load_model"] = acc.to_json()
     r = _Run(config, run_dir, stages.Stages(run_dir, log), model, tok, splits,
              {"model": stages.model_identity(source), "dtype": config.dtype, "tokenizer": config.tokenizer},
@@ -158,8 +196,13 @@ def _load(config: RunConfig, model, tok):
     from cca_jax.models import source as model_source
 
     source = model_source(config.model)
-    if model is None:
-        model, tok = load_model(source, dtype=config.dtype, attention=config.attention)
+    if model is None:  # on the config's mesh, sharded as it is read (mesh.build: one line if it does not fit)
+        model, tok = load_model(source, dtype=config.dtype, attention=config.attention,
+                                mesh=mesh_lib.build(config.mesh))
+    elif mesh_lib.mesh_of(model.params()) is None and config.mesh.size > 1:
+        from cca_jax.weights.sharding import shard_params
+
+        model = model.with_params(shard_params(model.params(), mesh_lib.build(config.mesh)))
     if config.tokenizer == "char":
         from cca_jax.char_tokenizer import char_tokenizer
 
@@ -210,7 +253,7 @@ def _base_eval(r: _Run):
     d = r.stages.dir("base_eval")
     with r.stage("base_eval", key) as todo:
         for split in ("train", "val", "test") if todo else ():
-            _, recs = r.evaluate(r.model, split, f"base {split}")
+            _, recs = r.evaluate(r.model_for("generate"), split, f"base {split}")
             gsm_symbolic.write_jsonl(recs, _records_path(d, split))
     return key, {s: _read_records(_records_path(d, s)) for s in ("train", "val", "test")}
 
@@ -267,7 +310,7 @@ def _pivotal_tokens(r: _Run, base, selected):
     gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
                   eos_token_id=stop_ids(r.model, r.tok), **r.config.generation.options(r.config.dtype))
     pc = dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
-    return pivots.localize(r.model, greedy, [(rec["template"], rec["instance"]) for rec in train], judge_for,
+    return pivots.localize(r.model_for("generate"), greedy, [(rec["template"], rec["instance"]) for rec in train], judge_for,
                            pc, gen_kw, progress=r.progress)
 
 
@@ -293,29 +336,60 @@ def _find_circuit(r: _Run, d: Path, examples) -> None:
         from cca_jax.cca import dcm, dcm_size
 
         size = None
+        model = r.model_for("dcm")
         if cfg.dcm.target_fraction is None:
-            res = dcm.train_mask(r.model, examples, cfg.dcm, pad_token_id=r.pad, progress=r.progress)
+            res = dcm.train_mask(model, examples, cfg.dcm, pad_token_id=r.pad, progress=r.progress,
+                                 caches_on_host=_dcm_caches_on_host(r, model, examples))
         else:
-            res, size = dcm_size.train_mask_of_size(r.model, examples, cfg.dcm, r.pad, r.progress, r.log)
-        components.save(res.mask, d / "mask.npz")
-        components.save(res.m, d / "m.npz")
+            res, size = dcm_size.train_mask_of_size(model, examples, cfg.dcm, r.pad, r.progress, r.log)
+        _save_components(res.mask, d / "mask.npz")
+        _save_components(res.m, d / "m.npz")
         atomic.write_json(d / "history.json", {"history": res.history, "stopped_early": res.stopped_early,
                                                **({"size_search": size} if size else {})})
     elif cfg.localize in ("patching", "attribution"):
         from cca_jax.cca import patching
 
         pc = cfg.patching
-        eff = patching.effects_over_examples(r.model, examples, cfg.localize, pc.mode, pc.batch_size,
+        eff = patching.effects_over_examples(r.model_for("dcm"), examples, cfg.localize, pc.mode, pc.batch_size,
                                              pc.chunk, r.pad, r.progress)
-        components.save(eff, d / "effects.npz")
-        components.save(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by), d / "mask.npz")
+        _save_components(eff, d / "effects.npz")
+        _save_components(patching.select(eff, pc.top_k, None if pc.top_k else pc.fraction, pc.by), d / "mask.npz")
     elif cfg.localize == "random":
         rc = cfg.random
         mask = (components.random_like(_like_mask(rc.like), rc.seed) if rc.like is not None
                 else components.random_fraction(r.model.config, rc.fraction, rc.seed))
-        components.save(mask, d / "mask.npz")
+        _save_components(mask, d / "mask.npz")
     else:
         raise CCAError(f"localize must be dcm, patching, attribution or random, got {cfg.localize!r}")
+
+
+def _save_components(tree: dict, path: Path) -> None:
+    if mesh_lib.is_writer():  # several processes: process 0 writes
+        components.save(tree, path)
+
+
+def _dcm_caches_on_host(r: _Run, model, examples) -> bool:
+    """mesh.dcm_cache: host, device, or auto (host when the prefix caches would take more
+    than mesh.AUTO_FRACTION of a device's memory)."""
+    place = r.config.mesh.dcm_cache
+    if place != "auto":
+        return place == "host"
+    params = model.params()
+    limit = mesh_lib.device_memory()
+    if limit is None:
+        return False
+    from cca_jax.cca.dcm import cache_bytes
+
+    total = cache_bytes(model.config, examples, r.config.dcm.batch_size, model.dtype)
+    cs = mesh_lib.cache_sharding(params, r.config.dcm.batch_size, model.config.num_kv_heads)
+    split = 1
+    if cs is not None:
+        split = int(np.prod([cs.mesh.shape[a] for a in cs.data])) * (cs.mesh.shape["tp"] if cs.heads else 1)
+    on_host = total / split > mesh_lib.AUTO_FRACTION * limit
+    if on_host:
+        r.log(f"DCM prefix caches ({total / split / 2**30:.1f} GiB per device) wait in host memory "
+              f"(mesh.dcm_cache=device keeps them on the devices)")
+    return on_host
 
 
 def _like_mask(like: str) -> dict:
@@ -331,7 +405,7 @@ def _faithfulness(r: _Run, circ_key, examples, mask) -> dict:
     with r.stage("faithfulness", digest([circ_key, "mean-ablation"])) as todo:
         if todo:
             atomic.write_json(d / "faithfulness.json",
-                              faithfulness(r.model, examples, mask, r.config.dcm.batch_size, r.pad))
+                              faithfulness(r.model_for("dcm"), examples, mask, r.config.dcm.batch_size, r.pad))
     return stages.read_json(d / "faithfulness.json")
 
 
@@ -341,10 +415,10 @@ def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.L
     d = r.stages.dir(name)
 
     def val_accuracy(params, step):
-        return r.evaluate(r.model.with_params(params), "val", f"val step {step}")[0].overall
+        return r.evaluate(r.generating(params), "val", f"val step {step}")[0].overall
 
     ckpt = train_loop.Checkpoints(d, key)
-    done = r.stages.done(name, key)
+    done = bool(mesh_lib.agree(r.stages.done(name, key)))
     with timing.account() as acc:
         res = train_loop.train_and_select(trainer, val_accuracy, gsm.accuracy(base["val"]).overall, ckpt,
                                           progress=r.progress, on_step=on_step, log=r.log)
@@ -353,6 +427,7 @@ def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.L
         if res.seconds > acc.wall + 0.5:  # resumed: earlier processes ran the first steps
             split["earlier_runs"] = round(res.seconds - acc.wall, 3)
         r.stages.finish(name, key, res.seconds, timing=split)
+        mesh_lib.sync(f"cca_jax stage {name}")
     r.timings[name] = r.stages.timing(name)
     return res
 
@@ -364,7 +439,7 @@ def _amplify(r: _Run, circ_key, examples, mask, base, on_step) -> _Trained:
     # unroll changes how the step compiles, not what it computes: runs resume across it
     fields = {k: v for k, v in dataclasses.asdict(acfg).items() if k != "unroll"}
     key = digest([circ_key, fields, digest(base["val"])])
-    trainer = amp.Amplifier(r.model, examples, mask, acfg, r.pad)
+    trainer = amp.Amplifier(r.model_for("train"), examples, mask, acfg, r.pad)
     res = _train(r, "amplify", key, trainer, base, on_step)
     params = r.model.params()
     n_sel, total = components.count(mask), components.total(r.model.config)
@@ -393,7 +468,7 @@ def _finetune(r: _Run, base_key, base, selected, on_step) -> _Trained:
         if list(e.prompt) != fed.get((e.template, e.instance)):
             raise CCAError(f"template {e.template} instance {e.instance}: the training prompt differs from the "
                            f"evaluated one (tokenizer or eval settings changed?): delete {r.stages.root}/base_eval")
-    trainer = sft.FineTuner(method, r.model, examples, scfg, r.pad)
+    trainer = sft.FineTuner(method, r.model_for("train"), examples, scfg, r.pad)
     r.log(f"{method}: {len(examples)} training examples (padded to {trainer.T} tokens, {trainer.P} answer tokens)")
     key = digest([base_key, selected, method, dataclasses.asdict(scfg), digest(base["val"]),
                   [[list(e.prompt), list(e.answer)] for e in examples]])
@@ -423,7 +498,7 @@ def _test(r: _Run, trained: _Trained):
     d = r.stages.dir("test")
     with r.stage("test", key) as todo:
         if todo:
-            _, recs = r.evaluate(r.model.with_params(trained.params), "test", "test (best)")
+            _, recs = r.evaluate(r.generating(trained.params), "test", "test (best)")
             gsm_symbolic.write_jsonl(recs, _records_path(d, "test"))
     r.timings["test_eval"] = r.timings.pop("test")
     return key, gsm.accuracy(_read_records(_records_path(d, "test")))
@@ -436,7 +511,17 @@ def _export(r: _Run, params) -> str | None:
 
     name = CCA_EXPORT_DIR if r.config.method == "cca" else SFT_EXPORT_DIR
     with timing.account() as acc:
-        export_hf(r.model.with_params(params), r.dir / name, tokenizer=r.tok)
+        if mesh_lib.multi_process():  # every process gathers tensor by tensor; process 0 writes
+            host = mesh_lib.host(params)
+            if mesh_lib.is_writer():
+                from cca_jax.config import parse_dtype
+                from cca_jax.weights import hf
+
+                hf.write(r.model.config, host, r.dir / name, parse_dtype(r.model.dtype), r.tok)
+            del host
+            mesh_lib.sync("cca_jax export")
+        else:  # one tensor at a time to the host (weights.hf)
+            export_hf(r.model.with_params(params), r.dir / name, tokenizer=r.tok)
     r.timings["export"] = acc.to_json()
     return name
 
@@ -452,8 +537,8 @@ def _add_side_effects(r: _Run, summary, params_after, after_key):
     se_cfg = dataclasses.asdict(se)
     tasks_lib.prepare(list(se.tasks), limit=se.limit, data_dir=se.data_dir)  # bad names/data fail before any work
     out = {}
-    for name, m, key in (("side_effects_before", r.model, digest([r.model_key, se_cfg])),
-                         ("side_effects_after", r.model.with_params(params_after), digest([after_key, se_cfg]))):
+    for name, m, key in (("side_effects_before", r.model_for("generate"), digest([r.model_key, se_cfg])),
+                         ("side_effects_after", r.generating(params_after), digest([after_key, se_cfg]))):
         d = r.stages.dir(name)
         with r.stage(name, key) as todo:
             if todo:

@@ -27,6 +27,7 @@ from cca_jax.cca.pivots import PivotConfig
 from cca_jax.config import ATTENTION, parse_dtype
 from cca_jax.data.answers import MODES as ANSWER_MODES
 from cca_jax.errors import CCAError
+from cca_jax.mesh import MeshConfig
 from cca_jax.validate import COUNT, NONEMPTY, SEED, Rule, above, at_least, at_most, one_of
 from cca_jax.evaluate.tasks import RENAMED as RENAMED_TASKS
 from cca_jax.evaluate.tasks import TASKS
@@ -223,6 +224,8 @@ class RunConfig:
     sft: SFTConfig = SFTConfig()
     side_effects: SideEffectsConfig = SideEffectsConfig()
     generation: GenerationSettings = GenerationSettings()
+    # the device mesh (fsdp x tp devices, default one) and each stage's layout on it: cca_jax/mesh.py
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         check_fields(self, "")  # the sections checked themselves when they were built
@@ -236,7 +239,7 @@ class RunConfig:
 
 _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm": DCMConfig,
              "patching": PatchingConfig, "random": RandomCircuitConfig, "amplify": AmplifyConfig, "sft": SFTConfig,
-             "side_effects": SideEffectsConfig, "generation": GenerationSettings}
+             "side_effects": SideEffectsConfig, "generation": GenerationSettings, "mesh": MeshConfig}
 
 
 def _build(cls, raw, section: str = ""):

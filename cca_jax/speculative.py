@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cca_jax import timing
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.cache import KVCache, init_cache, tile_cache, write_rows
@@ -383,7 +384,8 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
                             spec, config.sampling, config.write_first)
 
     def read(view):
-        n_, done, toks_, steps, acc, ran = (np.asarray(a) for a in view)
+        # on the host; on a multi-host mesh gathered from every process's devices
+        n_, done, toks_, steps, acc, ran = timing.fetch(tuple(view))
         # what plain decoding could have produced: the budget's first max_new tokens
         # (a verify step may overshoot it by up to k; the stop rule never sees those)
         n_ = np.minimum(n_, max_new)

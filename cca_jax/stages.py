@@ -112,6 +112,8 @@ class Stages:
         return True
 
     def finish(self, name: str, key: str, seconds: float, **extra) -> None:
+        if not _writer():  # several processes: process 0 records (its files are the stage's)
+            return
         d = self.root / name
         atomic.write_json(d / DONE, {"key": key, "seconds": seconds, **extra,
                                      "files": _tree_digests(d, skip=(DONE,))})
@@ -158,9 +160,9 @@ def save_trees(path: Path, trees: dict) -> None:
     for name, tree in trees.items():
         flat = flatten(tree)
         if flat:
-            ckpt.save(path / name, flat)
-        else:
-            (path / name).mkdir()
+            ckpt.save(path / name, flat)  # on every process of a multi-process run: each writes its shards
+        elif _writer():
+            (path / name).mkdir(exist_ok=True)
     ckpt.wait_until_finished()
 
 
@@ -199,7 +201,8 @@ def load_flat(path: Path, name: str) -> dict:
 class RunLock:
     """An OS lock on the run directory for the life of a run: a second run on the same
     directory fails at once with one line; the OS releases the lock when the process
-    ends, crash included (the lock file itself stays, harmless)."""
+    ends, crash included (the lock file itself stays, harmless). In a multi-process run
+    process 0 holds it for all."""
 
     def __init__(self, run_dir: Path):
         from filelock import FileLock
@@ -210,6 +213,8 @@ class RunLock:
     def __enter__(self):
         from filelock import Timeout
 
+        if not _writer():
+            return self
         try:
             self._lock.acquire()
         except Timeout:
@@ -218,8 +223,15 @@ class RunLock:
         return self
 
     def __exit__(self, *exc):
-        self._lock.release()
+        if self._lock.is_locked:
+            self._lock.release()
         return False
+
+
+def _writer() -> bool:
+    from cca_jax.mesh import is_writer
+
+    return is_writer()
 
 
 def prepare_run_dir(run_dir: str | os.PathLike) -> Path:

@@ -7,6 +7,11 @@
   the points where the program reads them: a stage's device work that the host did not
   wait for overlapped the host's own work).
 - host: the rest of the wall clock (Python, tokenization, data, dispatch, I/O).
+- memory: per-device peak bytes: the allocator's peak so far (``peak_bytes_in_use``,
+  GPU and TPU: a process-lifetime peak, so a stage shows the highest of itself and the
+  stages before it), or on backends without memory statistics (the CPU) the most live
+  array bytes on one device, sampled whenever the host waits for the device and at the
+  end (XLA's temporary buffers inside a program are not arrays: not counted there).
 
 ``enable_cache`` turns on JAX's persistent compilation cache, so a rerun or a resumed
 run compiles nothing it compiled before.
@@ -39,11 +44,14 @@ class Account:
     compiles: int = 0  # XLA compilations (cache hits excluded)
     cache_hits: int = 0
     device: float = 0.0  # host blocked on device results
+    peak_bytes: int = 0  # per device (see the module's docstring)
+    memory: str = ""  # how peak_bytes was measured: peak_bytes_in_use | live_arrays
 
     def to_json(self) -> dict:
         host = max(self.wall - self.compile - self.device, 0.0)
         return {"total": round(self.wall, 3), "compile": round(self.compile, 3), "compiles": self.compiles,
-                "cache_hits": self.cache_hits, "device": round(self.device, 3), "host": round(host, 3)}
+                "cache_hits": self.cache_hits, "device": round(self.device, 3), "host": round(host, 3),
+                "peak_bytes_per_device": self.peak_bytes, "memory": self.memory}
 
 
 _open: list[Account] = []  # accounts being filled (nested stages: every enclosing one too)
@@ -87,9 +95,25 @@ def account() -> Iterator[Account]:
     try:
         yield a
     finally:
+        _sample_memory()
         with _lock:
             _open.remove(a)
         a.wall = time.perf_counter() - t0
+
+
+_live_sampling: bool | None = None  # sample live arrays at waits (backends without memory statistics)
+
+
+def _sample_memory() -> None:
+    """Record the per-device peak into the open accounts."""
+    global _live_sampling
+    from cca_jax import mesh
+
+    peak, how = mesh.peak_bytes()
+    _live_sampling = how == "live_arrays"
+    with _lock:
+        for a in _open:
+            a.peak_bytes, a.memory = max(a.peak_bytes, peak), how
 
 
 def wait(x):
@@ -102,12 +126,17 @@ def wait(x):
     with _lock:
         for a in _open:
             a.device += dt
+    if _live_sampling is not False:  # the CPU: what is alive now (GPU/TPU: the allocator's peak at the end)
+        _sample_memory()
     return out
 
 
 def fetch(x):
-    """``x`` on the host (numpy), the wait for it counted as device time."""
-    return jax.tree.map(np.asarray, jax.device_get(wait(x)))
+    """``x`` on the host (numpy), the wait for it counted as device time (arrays spanning
+    other processes' devices are gathered: every process must fetch alike)."""
+    from cca_jax.mesh import host
+
+    return host(wait(x))
 
 
 def cache_dir(setting: str | None) -> Path | None:

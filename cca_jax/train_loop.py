@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol
 import jax
 
 from cca_jax import atomic, stages
+from cca_jax import mesh as mesh_lib
 
 
 class Trainer(Protocol):
@@ -94,14 +95,17 @@ class Checkpoints:
         best), a directory name, or None (step 0, the unchanged model)."""
         name = f"ckpt-{step:06d}"
         path = self.dir / name
-        if path.exists():  # an earlier attempt at this step that was never pointed at
+        if path.exists() and mesh_lib.is_writer():  # an earlier attempt at this step that was never pointed at
             shutil.rmtree(path)
+        mesh_lib.sync(f"cca_jax ckpt {step} clear")
         trees = {"master": master, "opt": opt_state}
-        stages.save_trees(path, trees)
+        stages.save_trees(path, trees)  # every process writes its shards (orbax)
         best = name if progress.get("best") == "this" else progress.get("best")
         prog = {**progress, "key": self.key, "step": step, "checkpoint": name, "best": best}
-        atomic.write_json(self.dir / PROGRESS, prog)
-        self.clean(keep={name, best})
+        atomic.write_json(self.dir / PROGRESS, prog)  # process 0 only (atomic)
+        if mesh_lib.is_writer():
+            self.clean(keep={name, best})
+        mesh_lib.sync(f"cca_jax ckpt {step} committed")
         return prog
 
     def clean(self, keep: set) -> None:
@@ -110,6 +114,20 @@ class Checkpoints:
         for p in self.dir.iterdir():
             if _CKPT.match(p.name) and p.is_dir() and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _restore_targets(trainer: Trainer):
+    """ShapeDtypeStructs of ``trainer.init()`` to restore checkpoints into, without
+    allocating a second copy. On a mesh they carry the shardings of what ``init`` makes
+    (``eval_shape`` has none), so a checkpoint written on any mesh is read back as this
+    run lays it out: ``init`` runs once and its arrays are dropped before any restore."""
+    shapes = jax.eval_shape(trainer.init)
+    if mesh_lib.mesh_of(getattr(trainer, "params", None)) is None:
+        return shapes
+    made = trainer.init()
+    out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), made)
+    del made
+    return out
 
 
 def _fresh(val0: float | None) -> dict:
@@ -128,7 +146,7 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
     ``evaluate=None`` nothing is evaluated and the last step is the result.
     The best master is read back from its checkpoint at the end (the steps may donate
     the arrays of earlier masters)."""
-    shapes = jax.eval_shape(trainer.init)  # restore targets without allocating a second copy
+    shapes = _restore_targets(trainer)
     state = ckpt.progress()
     master = opt_state = None
     if state is not None and int(state["step"]) < trainer.steps:
@@ -144,7 +162,7 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
     history, step = list(state["history"]), int(state["step"])
     t_start = time.perf_counter()
     bar = None
-    if progress and step < trainer.steps:
+    if progress and step < trainer.steps and mesh_lib.is_writer():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=trainer.steps, initial=step, desc=trainer.name, unit="step")
@@ -184,7 +202,9 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
         if _retry:
             raise
         log(f"{trainer.name}: the best checkpoint in {ckpt.dir} is unreadable ({type(err).__name__}): starting over")
-        (ckpt.dir / PROGRESS).unlink(missing_ok=True)
+        if mesh_lib.is_writer():
+            (ckpt.dir / PROGRESS).unlink(missing_ok=True)
+        mesh_lib.sync("cca_jax restart training")
         return train_and_select(trainer, evaluate, val0, ckpt, progress=progress, on_step=on_step, log=log,
                                 _retry=True)
     return LoopResult(best, int(state["best_step"]), state["best_val"], history,

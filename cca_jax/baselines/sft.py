@@ -330,8 +330,14 @@ def make_step(method: str, config: SFTConfig, cfg: ModelConfig, optimizer, dtype
     return jax.jit(step, donate_argnums=(0, 1) if jax.default_backend() != "cpu" else ())
 
 
-def to_device(batch: Batch) -> Batch:
-    return Batch(*(jnp.asarray(x) for x in batch))
+def to_device(batch: Batch, params=None) -> Batch:
+    """The batch on the devices; with ``params`` on a mesh, each micro-batch's rows (axis
+    1) over the data axis of their layout (``cca_jax.mesh``)."""
+    if params is None:
+        return Batch(*(jnp.asarray(x) for x in batch))
+    from cca_jax import mesh as mesh_lib
+
+    return Batch(*(mesh_lib.rows(x, params, axis=1) for x in batch))
 
 
 def trainable_parameters(method: str, master) -> int:
@@ -367,7 +373,7 @@ class FineTuner:
         return master, opt_state
 
     def step(self, master, opt_state, step):
-        batch = to_device(step_batch(self.examples, self.config, step, self.T, self.P, self.pad))
+        batch = to_device(step_batch(self.examples, self.config, step, self.T, self.P, self.pad), self.params)
         master, opt_state, loss, gnorm = self._step(master, opt_state, self.frozen, batch,
                                                     dropout_key(self.config, step))
         loss, gnorm = timing.fetch((loss, gnorm))

@@ -22,6 +22,7 @@ import optax
 
 from cca_jax.cca import circuit, components
 from cca_jax.cca.examples import Batch, batches as make_batches
+from cca_jax import mesh as mesh_lib
 from cca_jax import timing, validate
 from cca_jax.cca.objective import logit_diffs
 from cca_jax.config import ModelConfig
@@ -125,8 +126,9 @@ def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n
     batches are dispatched back to back; the loss is read once, at the end."""
     losses, total = [], None
     for b in batches:
-        loss, g = _grad_sum(train, frozen, cfg, jnp.asarray(b.tokens), jnp.asarray(b.mask),
-                            jnp.asarray(b.desired), jnp.asarray(b.undesired), remat, unroll)
+        # on a mesh, rows over the data axis of the weights' layout (cca_jax.mesh)
+        loss, g = _grad_sum(train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
+                                                  (b.tokens, b.mask, b.desired, b.undesired)), remat, unroll)
         total = _accumulate(total, g, 1.0 / n)
         losses.append(loss)
     return float(sum(timing.fetch(losses))) / n, total

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cca_jax import mesh as mesh_lib
 from cca_jax import timing, validate
 from cca_jax.cca import components
 from cca_jax.cca.examples import Batch, LocalizationExample, batches as make_batches
@@ -25,7 +26,6 @@ from cca_jax.cca.objective import logit_diff
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model.intervention import Intervention
-from cca_jax.model.params import unstack_layers
 from cca_jax.model.prefill import prefix_cache
 from cca_jax.model.transformer import forward
 
@@ -142,15 +142,37 @@ def patience_for(batches_per_epoch: int, early_stop: str = "reference") -> int:
     return int(0.2 * batches_per_epoch)
 
 
-def _prefix_caches(cfg, params, bs):
-    return [prefix_cache(cfg, params, jnp.asarray(b.tokens), jnp.asarray(b.mask)) for b in bs]
+@functools.partial(jax.jit, static_argnames=("cfg", "sharding"))
+def _placed_prefix_cache(cfg: ModelConfig, params, tokens, mask, sharding):
+    return mesh_lib.constrain_cache(prefix_cache(cfg, params, tokens, mask), sharding)
+
+
+def _prefix_caches(cfg, params, bs, on_host: bool = False):
+    """Each batch's prefix cache; on a mesh laid out like the weights (rows over the data
+    axis, KV heads over tp); ``on_host``: parked in host memory, streamed in per step."""
+    out = []
+    for b in bs:
+        cs = mesh_lib.cache_sharding(params, b.tokens.shape[0], cfg.num_kv_heads)
+        c = _placed_prefix_cache(cfg, params, mesh_lib.rows(b.tokens, params), mesh_lib.rows(b.mask, params), cs)
+        out.append(mesh_lib.to_memory(c, "pinned_host") if on_host else c)
+    return out
+
+
+def cache_bytes(cfg: ModelConfig, examples: Sequence[LocalizationExample], batch_size: int, dtype) -> int:
+    """Bytes of every DCM prefix cache together (all devices), before any is made."""
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize + 4
+    return sum(b.tokens.size for b in make_batches(examples, batch_size, 0, 0)) * per_token
 
 
 def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig, pad_token_id: int = 0,
-               progress: bool = True) -> DCMResult:
+               progress: bool = True, caches_on_host: bool = False) -> DCMResult:
     """Learn the DCM mask on ``examples``. Early stop (SPEC 3, reference): the kept count
     unchanged for ``int(0.2 * batches_per_epoch)`` batches in a row (counter reset each
-    epoch) while not everything is kept; fixed: unchanged for a whole epoch."""
+    epoch) while not everything is kept; fixed: unchanged for a whole epoch.
+    ``model`` may be sharded over a mesh (``cca_jax.mesh``: the batches and caches follow
+    its layout); ``caches_on_host``: the prefix caches wait in host memory and each
+    step's is copied in (the next one while the current step runs), for when they do not
+    fit on the devices."""
     if not examples:
         raise CCAError("DCM needs at least one localization example")
     cfg = model.config
@@ -158,8 +180,8 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     # into new batches; fixed: batches drawn once, their order shuffled every epoch
     regroup = config.mode == "reference"
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
-    caches = _prefix_caches(cfg, model.params(), bs)
-    params = unstack_layers(model.params())  # per-layer buffers for the steps: see unstack_layers
+    caches = _prefix_caches(cfg, model.params(), bs, caches_on_host)
+    params = mesh_lib.per_layer(model.params())  # per-layer buffers for the steps: see unstack_layers
     n_b = len(bs)
     opt = make_optimizer(config, n_b)
     m = components.full(cfg, 1.0)
@@ -185,11 +207,17 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             same = 0
         if regroup and epoch > 0:
             bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id)
-            caches = _prefix_caches(cfg, model.params(), bs)
-        for bi in (range(n_b) if regroup else rng.permutation(n_b)):
+            caches = _prefix_caches(cfg, model.params(), bs, caches_on_host)
+        order = list(range(n_b) if regroup else rng.permutation(n_b))
+        ahead = mesh_lib.to_memory(caches[order[0]], "device") if caches_on_host else None
+        for i, bi in enumerate(order):
             b = bs[bi]
-            m, state, loss, kept = step(m, state, caches[bi], jnp.asarray(b.tokens[:, -1]),
-                                        jnp.asarray(b.desired), jnp.asarray(b.undesired))
+            cache = ahead if caches_on_host else caches[bi]
+            if caches_on_host and i + 1 < len(order):  # the next batch's cache copies in during this step
+                ahead = mesh_lib.to_memory(caches[order[i + 1]], "device")
+            m, state, loss, kept = step(m, state, cache, *(mesh_lib.rows(x, params) for x in
+                                                           (b.tokens[:, -1], b.desired, b.undesired)))
+            del cache
             loss, kept = timing.fetch((loss, kept))
             kept = int(kept)
             history.append({"epoch": epoch, "step": len(history), "loss": float(loss), "kept": kept})
@@ -205,4 +233,5 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             break
     if bar is not None:
         bar.close()
+    m = mesh_lib.host(m)
     return DCMResult(components.binarize(m), {k: np.asarray(v) for k, v in m.items()}, history, stopped)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cca_jax import mesh as mesh_lib, timing
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.generate import common_prefix_len
@@ -104,7 +105,8 @@ def _prefix_cache(model, params, prefix, size, pad_token_id):
     toks[0, : len(prefix)] = prefix
     mask = np.zeros((1, prefix_len), bool)
     mask[0, : len(prefix)] = True
-    return prefill(cfg, params, jnp.asarray(toks), jnp.asarray(mask), init_cache(cfg, 1, size, dtype))[1]
+    cs = mesh_lib.cache_sharding(params, 1, cfg.num_kv_heads)
+    return prefill(cfg, params, jnp.asarray(toks), jnp.asarray(mask), init_cache(cfg, 1, size, dtype, cs))[1]
 
 
 def _batch_arrays(rows, entries, idx, b, pad_token_id):
@@ -171,10 +173,12 @@ def continuation_logprobs(
     for b0 in range(0, len(order), b):
         idx = order[b0:b0 + b]
         toks, mask, at, tgt = _batch_arrays(rows, entries, idx, b, pad_token_id)
-        cache = tile_cache(prefix_cache, b) if prefix_cache is not None else None
-        lp, greedy = _score(model.config, params, jnp.asarray(toks), jnp.asarray(mask), cache,
-                            jnp.asarray(at), jnp.asarray(tgt))
-        lp, greedy = np.asarray(lp), np.asarray(greedy)
+        # on a mesh: rows over the data axis, the cache laid out like the weights (cca_jax.mesh)
+        cs = mesh_lib.cache_sharding(params, b, model.config.num_kv_heads)
+        cache = tile_cache(prefix_cache, b, cs) if prefix_cache is not None else None
+        lp, greedy = _score(model.config, params, *(mesh_lib.rows(x, params) for x in (toks, mask)), cache,
+                            *(mesh_lib.rows(x, params) for x in (at, tgt)))
+        lp, greedy = timing.fetch((lp, greedy))
         for i, r in enumerate(idx):
             row_lp[r], row_greedy[r] = lp[i, : len(entries[r])], greedy[i, : len(entries[r])]
         if bar is not None:

@@ -45,16 +45,20 @@ class KVCache:
 
 # jitted: one dispatch for all 2L + 1 buffers. Op by op, the zeros cost milliseconds of
 # host time before every generation batch, while the device waits.
-@functools.partial(jax.jit, static_argnames=("cfg", "batch", "size", "dtype"))
-def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
+# sharding: a ``mesh.CacheSharding`` on a device mesh (the buffers are made in place, never
+# whole on one device), None on one device.
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "size", "dtype", "sharding"))
+def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=jnp.float32, sharding=None) -> KVCache:
+    from cca_jax.mesh import constrain_cache
+
     shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
-    return KVCache(
+    return constrain_cache(KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         pos=jnp.full((batch, size), -1, jnp.int32),
         index=jnp.zeros((), jnp.int32),
         empty=True,
-    )
+    ), sharding)
 
 
 def per_row(index: jax.Array) -> bool:
@@ -76,10 +80,12 @@ def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> j
     return jax.vmap(row)(buf, new, index)
 
 
-@functools.partial(jax.jit, static_argnames=("batch",))
-def tile_cache(cache: KVCache, batch: int) -> KVCache:
+@functools.partial(jax.jit, static_argnames=("batch", "sharding"))
+def tile_cache(cache: KVCache, batch: int, sharding=None) -> KVCache:
     """Each row of ``cache`` repeated ``batch`` times (a one-row shared prefix for a batch)."""
-    return KVCache(
+    from cca_jax.mesh import constrain_cache
+
+    return constrain_cache(KVCache(
         k=tuple(jnp.repeat(k, batch, axis=0) for k in cache.k), v=tuple(jnp.repeat(v, batch, axis=0) for v in cache.v),
         pos=jnp.repeat(cache.pos, batch, axis=0), index=cache.index,
-    )
+    ), sharding)
