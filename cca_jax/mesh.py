@@ -346,6 +346,22 @@ def constrain_cache(cache, sharding: CacheSharding | None):
                          pos=wsc(cache.pos, sharding.pos()), index=wsc(cache.index, sharding.scalar()))
 
 
+def onto_mesh(tree, mesh: Mesh | None):
+    """``tree`` with every array that lives on one device (an optimizer's step count, LoRA
+    adapters) replicated over ``mesh``: a checkpoint of several processes then holds only
+    arrays of the one global mesh."""
+    if mesh is None:
+        return tree
+    rep = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array) and not isinstance(x.sharding, NamedSharding):
+            return jax.device_put(np.asarray(x), rep)  # host first: the array is this process's own
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def to_memory(tree, kind: str):
     """``tree``'s arrays moved to memory ``kind`` ("pinned_host" or "device"), each
     keeping its sharding (DCM prefix caches parked on the host)."""

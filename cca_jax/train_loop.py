@@ -124,10 +124,16 @@ def _restore_targets(trainer: Trainer):
     shapes = jax.eval_shape(trainer.init)
     if mesh_lib.mesh_of(getattr(trainer, "params", None)) is None:
         return shapes
-    made = trainer.init()
+    made = _init(trainer)
     out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), made)
     del made
     return out
+
+
+def _init(trainer: Trainer):
+    """``trainer.init()``; on a mesh with what it made on one device (step counts, LoRA
+    adapters) replicated over the mesh, as every checkpointed array must be."""
+    return mesh_lib.onto_mesh(trainer.init(), mesh_lib.mesh_of(getattr(trainer, "params", None)))
 
 
 def _fresh(val0: float | None) -> dict:
@@ -157,7 +163,7 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
             log(f"{trainer.name}: the checkpoint in {ckpt.dir} is unreadable ({type(err).__name__}): starting over")
             state = None
     if state is None:
-        master, opt_state = trainer.init()
+        master, opt_state = _init(trainer)
     state = dict(state) if state is not None else _fresh(None if evaluate is None else float(val0))
     history, step = list(state["history"]), int(state["step"])
     t_start = time.perf_counter()

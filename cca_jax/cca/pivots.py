@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cca_jax import validate
+from cca_jax.mesh import host
 from cca_jax.cca.examples import LocalizationExample
 from cca_jax.generate import generate
 
@@ -77,7 +78,8 @@ def greedy_choices(model, prompt: Sequence[int], tokens: Sequence[int]) -> np.nd
     """argmax next token after prompt + tokens[:j], for every j (teacher forced)."""
     seq = jnp.asarray([list(prompt) + list(tokens)], jnp.int32)
     at = jnp.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))[None]
-    return np.asarray(jnp.argmax(model(seq, at=at).logits[0], axis=-1))
+    # host: logits spanning several processes' devices are gathered
+    return host(jnp.argmax(model(seq, at=at).logits[0], axis=-1))
 
 
 def branching_pivot(model, greedy: Trace, sampled: Trace, judge: Callable[[Sequence[int]], bool],
