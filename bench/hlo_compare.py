@@ -122,7 +122,7 @@ def _programs(name, cfg):
     optimizer = amplify.make_optimizer(acfg, components.full(cfg, True), stacked)
     train, frozen = amplify.split_params(stacked, optimizer.selection)
     for label, remat, unroll in (("scan", False, False), ("scan_remat", True, False), ("unroll", False, True)):
-        out[f"amplify_grad_{label}"] = (amplify._grad_sum, (train, frozen, cfg, bt, bm, d, u, remat, unroll))
+        out[f"amplify_grad_{label}"] = (amplify.grad_sum, (train, frozen, cfg, bt, bm, d, u, remat, unroll))
 
     clean = patching.last_activations(cfg, per, pc, bt[:, -1])
     values = patching.patch_values(clean, "mean")

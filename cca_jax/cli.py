@@ -344,13 +344,12 @@ def _mesh_config(sets):
     """The mesh section of ``--set mesh.KEY=VALUE`` options (eval, bench-tasks)."""
     from cca_jax import runconfig
     from cca_jax.errors import CCAError
-    from cca_jax.mesh import MeshConfig
 
     bad = [x for x in sets if not x.split("=", 1)[0].strip().startswith("mesh.")]
     if bad:
         raise CCAError(f"--set here takes mesh.KEY=VALUE only (mesh.fsdp, mesh.tp, mesh.generate), got {bad[0]!r}")
     raw = runconfig.apply_overrides({}, list(sets)).get("mesh") or {}
-    return runconfig._build(MeshConfig, raw, "mesh")
+    return runconfig.section("mesh", raw)
 
 
 def _build_mesh(mesh_cfg):
@@ -388,7 +387,6 @@ def _add_processes(s) -> None:
 
 
 def cmd_plan(args) -> int:
-    import os
 
     from cca_jax import runconfig
     from cca_jax.errors import CCAError
@@ -417,7 +415,7 @@ def cmd_plan(args) -> int:
     from cca_jax import plan
 
     w = plan.workload(cfg, args.prompt_tokens, args.examples, args.pivot_tokens)
-    res = plan.plan(cfg, budget, meshes, w, exact=args.exact)
+    res = plan.plan(cfg, budget, meshes, w, exact=args.exact, programs=not args.resident_only)
     print(plan.format_table(res))
     if args.json:
         from cca_jax import atomic
@@ -428,19 +426,17 @@ def cmd_plan(args) -> int:
 
 
 def _host_devices(n: int) -> None:
-    """The planner compiles for ``n`` CPU devices: set that up before JAX starts (a
-    process whose JAX already started keeps the devices it has)."""
-    import os
-
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
-        return
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "--xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    """The planner compiles for ``n`` CPU devices (or as many as XLA_FLAGS forces): set
+    that up before JAX starts. A process whose JAX already started keeps the devices it
+    has (plan.make_mesh says when they are too few)."""
     import jax
 
+    from cca_jax.mesh import env_device_count
+
+    try:
+        jax.config.update("jax_num_cpu_devices", env_device_count() or n)
+    except RuntimeError:  # JAX's backends already started in this process
+        return
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -555,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.max_new_tokens)")
     s.add_argument("--exact", action="store_true", help="compile at full depth (default: at 2 and 4 layers, "
                    "extrapolated)")
+    s.add_argument("--resident-only", action="store_true", help="only what stays on a device (weights, layout "
+                   "copies, caches, masters, optimizer state), no stage program compiled: a lower bound, in seconds")
     s.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     s.set_defaults(func=cmd_plan)
 

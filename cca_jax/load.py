@@ -61,6 +61,17 @@ def _resolve_dtype(dtype, stored: str):
     return config_lib.parse_dtype(stored if _is_auto(dtype) else dtype)
 
 
+def stored_dtype(path: Path) -> str:
+    """The dtype "auto" loads the local model source ``path`` in, from headers alone: a
+    model YAML float32, a GGUF file its most common float type, a Hugging Face directory
+    its safetensors' (no weight is read)."""
+    if path.suffix in (".yaml", ".yml"):
+        return "float32"
+    if path.suffix == ".gguf":
+        return _gguf_dtype(gguf_lib.reader(path))
+    return hf_lib.stored_dtype(hf_lib.weight_files(path))
+
+
 def local_path(src: str) -> Path:
     """``src`` as a path: as given if it exists, else a model YAML the package carries
     (``configs/models/gemma-2-2b.yaml`` works from any folder)."""

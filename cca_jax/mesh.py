@@ -28,7 +28,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cca_jax import validate
 from cca_jax.errors import CCAError
@@ -157,7 +158,7 @@ def mesh_of(params) -> Mesh | None:
     return None
 
 
-def _axes_used(params) -> set:
+def axes_used(params) -> set:
     """Mesh axes (of more than one device) that split some leaf of ``params``."""
     used = set()
     for x in jax.tree.leaves(params):
@@ -172,7 +173,7 @@ def layout_of(params) -> str | None:
     """The layout ``params`` are in: sharded, tp or replicated (None: one device)."""
     if mesh_of(params) is None:
         return None
-    used = _axes_used(params)
+    used = axes_used(params)
     return "sharded" if "fsdp" in used else "tp" if "tp" in used else "replicated"
 
 
@@ -237,7 +238,7 @@ def device_memory(devices=None) -> int | None:
 
 
 # what each stage kind prefers, most copying first; ``auto`` takes the first that fits
-_PREFERENCE = {"generate": ("tp", "sharded"), "dcm": ("replicated", "tp", "sharded"), "train": ("sharded",)}
+PREFERENCE = {"generate": ("tp", "sharded"), "dcm": ("replicated", "tp", "sharded"), "train": ("sharded",)}
 
 
 def resolve(layout: str, kind: str, params) -> str:
@@ -249,7 +250,7 @@ def resolve(layout: str, kind: str, params) -> str:
         return canonical(layout, mesh)
     limit = device_memory(list(mesh.devices.flat))
     full = nbytes(params)
-    for cand in _PREFERENCE[kind]:
+    for cand in PREFERENCE[kind]:
         copy = {"replicated": full, "tp": full // mesh.shape["tp"], "sharded": 0}[cand]
         if limit is None or copy <= AUTO_FRACTION * limit:
             return canonical(cand, mesh)
@@ -438,6 +439,6 @@ def per_layer(params):
     layer keeps its own unmerged slices."""
     from cca_jax.model.params import unstack_layers
 
-    if "tp" not in _axes_used(params):
+    if "tp" not in axes_used(params):
         return unstack_layers(params)
     return {**params, "layers": _slices(params["layers"])}

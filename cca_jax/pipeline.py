@@ -136,7 +136,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
 def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     import yaml
 
-    splits, data_key = _data(config)  # bad data fails before anything is written or loaded
+    splits, data_key = data_splits(config)  # bad data fails before anything is written or loaded
     atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     timing.enable_cache(timing.cache_dir(config.compile_cache))
     timings: dict[str, dict] = {}
@@ -224,7 +224,8 @@ def _resolved(source: str) -> str:
         return source
 
 
-def _data(config: RunConfig):
+def data_splits(config: RunConfig):
+    """(train/val/test splits of the config's GSM-Symbolic items, the digest of the items)."""
     items = gsm_symbolic.load_items(config.data.templates, config.data.per_template, config.data.seed)
     if config.data.template_ids is not None:
         items = [it for it in items if it.template in set(config.data.template_ids)]

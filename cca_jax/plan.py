@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cca_jax import mesh as mesh_lib
 from cca_jax.config import ModelConfig
@@ -116,7 +117,7 @@ def _per_layer(params_abs):
     """The per-layer weights (``mesh.per_layer``) with the shardings XLA gives them."""
     from cca_jax.model.params import layer_list, unstack_layers
 
-    if "tp" in mesh_lib._axes_used(params_abs):
+    if "tp" in mesh_lib.axes_used(params_abs):
         def fn(p):
             return {**p, "layers": layer_list(p["layers"])}
     else:
@@ -230,7 +231,7 @@ def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool
     opt = dcm.make_optimizer(c, n_b)
     m = _replicated(jax.eval_shape(lambda: components.full(cfg, 1.0)), mesh)
     state = _like(jax.eval_shape(opt.init, m), m, mesh)
-    progs = [_program("prefix_cache", dcm._placed_prefix_cache, cfg, params, toks, mask, cs),
+    progs = [_program("prefix_cache", dcm.placed_prefix_cache, cfg, params, toks, mask, cs),
              _program("mask_step", dcm.mask_step, cfg, opt, jnp.float32(c.reg), c.mode, layers, m, state, cache,
                       vec, vec, vec, donated=device_bytes((m, state)))]
     caches = device_bytes(cache) * (1 if caches_on_host else n_b)  # on the host: one batch's at a time (two)
@@ -242,7 +243,8 @@ def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool
 
 
 def _amplify_state(cfg, params, acfg, mesh):
-    from cca_jax.cca import amplify as amp, components
+    from cca_jax.cca import amplify as amp
+    from cca_jax.cca import components
 
     mask = {k: np.ones(s, bool) for k, s in components.shapes(cfg).items()}
     opt = amp.make_optimizer(acfg, mask, params)
@@ -272,7 +274,7 @@ def plan_amplify(cfg, dtype, mesh, stored, layout, w: Workload, acfg, gen_layout
     B, T = acfg.batch_size, w.pivot_len
     toks, mask = _rows((B, T), jnp.int32, params), _rows((B, T), jnp.bool_, params)
     vec = _rows((B,), jnp.int32, params)
-    progs = [_program("grad", amp._grad_sum, train, frozen, cfg, toks, mask, vec, vec, acfg.remat, acfg.unroll),
+    progs = [_program("grad", amp.grad_sum, train, frozen, cfg, toks, mask, vec, vec, acfg.remat, acfg.unroll),
              _program("update", amp.step_fn(opt), master, state, master,
                       donated=device_bytes((master, state)))]
     resident = {"weights": device_bytes(stored), "layout_copy": copy, "masters_f32": device_bytes(master),
@@ -304,7 +306,7 @@ def plan_sft(cfg, dtype, mesh, stored, layout, w: Workload, scfg, method: str, g
     progs = [_program("step", step, master, state, frozen, batch, key, donated=device_bytes((master, state)))]
     resident = {"weights": device_bytes(stored), "layout_copy": copy, "masters_f32": device_bytes(master),
                 "optimizer": device_bytes(state)}
-    working = device_bytes(stored) if method == "sft_full" else device_bytes(stored)  # merged or cast weights
+    working = device_bytes(stored)  # what val evaluation runs on: cast masters (full) or merged adapters (LoRA)
     return [StagePlan(method, mesh_lib.layout_of(params), resident, progs),
             _val_eval(cfg, dtype, mesh, stored, gen_layout, w, f"{method}: val eval", working, device_bytes(master),
                       device_bytes(state))]
@@ -326,7 +328,7 @@ def extrapolated(plans_at: Callable[[ModelConfig], list[StagePlan]], cfg: ModelC
     scale = (cfg.num_layers - 2) / 2
 
     def ext(x: int, y: int) -> int:
-        return int(round(x + (y - x) * scale))
+        return round(x + (y - x) * scale)
 
     out = []
     for pa, pb in zip(a, b):
@@ -351,7 +353,7 @@ def _resolve(layout: str, kind: str, stored, full_cfg: ModelConfig, dtype, mesh:
 
     leaves = jax.tree.leaves(param_shapes(full_cfg), is_leaf=lambda x: isinstance(x, tuple))
     full = sum(math.prod(s) for s in leaves) * jnp.dtype(dtype).itemsize
-    for cand in mesh_lib._PREFERENCE[kind]:
+    for cand in mesh_lib.PREFERENCE[kind]:
         copy = {"replicated": full, "tp": full // mesh.shape["tp"], "sharded": 0}[cand]
         if limit is None or copy <= mesh_lib.AUTO_FRACTION * limit:
             return mesh_lib.canonical(cand, mesh)
@@ -364,7 +366,7 @@ def _plans_at(cfg, dtype, mesh, config, w, limit, full_cfg) -> list[StagePlan]:
     whole operands (weights, KV caches) to float32, copies a GPU or TPU never makes, so
     the float32 program's temporaries are the closer bound; what stays resident is
     counted in the model's own dtype."""
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype).itemsize >= 4:
+    if not _compiling[0] or jax.default_backend() != "cpu" or jnp.dtype(dtype).itemsize >= 4:
         return _plans_one(cfg, dtype, mesh, config, w, limit, full_cfg)
     _compiling[0] = False
     try:
@@ -433,8 +435,10 @@ def model_config(source: str) -> ModelConfig:
     from cca_jax import config as config_lib
     from cca_jax.models import source as model_source
 
+    from cca_jax.load import local_path
+
     src = model_source(source)
-    p = Path(src)
+    p = local_path(src)
     if p.is_file() and p.suffix in (".yaml", ".yml"):
         from cca_jax import model_yaml
 
@@ -442,7 +446,7 @@ def model_config(source: str) -> ModelConfig:
     if p.is_file() and p.suffix == ".gguf":
         from cca_jax.weights import gguf
 
-        return config_lib.from_hf(gguf.hf_config(gguf._reader(p), p)[0])
+        return config_lib.from_hf(gguf.hf_config(gguf.reader(p), p)[0])
     from cca_jax.weights import hf
 
     if p.is_dir():
@@ -455,6 +459,23 @@ def model_config(source: str) -> ModelConfig:
         raise CCAError(f"{source}: cannot read its config ({type(err).__name__}): pass a local model") from None
 
 
+def run_dtype(config, log: Callable[[str], None] = print):
+    """The dtype the run loads the weights in: ``dtype``, or for "auto" what the local
+    weights are stored in (bfloat16 for a hub id, whose weights are not at hand)."""
+    from cca_jax.config import parse_dtype
+
+    if config.dtype != "auto":
+        return parse_dtype(config.dtype)
+    from cca_jax.load import local_path, stored_dtype
+    from cca_jax.models import source as model_source
+
+    p = local_path(model_source(config.model))
+    if p.exists():
+        return parse_dtype(stored_dtype(p))
+    log(f"dtype auto: {config.model}'s weights are not here: planned in bfloat16 (--set dtype=... to choose)")
+    return jnp.bfloat16
+
+
 def workload(config, prompt_tokens: int | None = None, examples: int | None = None,
              pivot_tokens: int | None = None, log: Callable[[str], None] = print) -> Workload:
     """The shapes ``config`` runs on. The longest prompt is measured with the model's
@@ -464,7 +485,7 @@ def workload(config, prompt_tokens: int | None = None, examples: int | None = No
     from cca_jax import pipeline
     from cca_jax.data.prompt import encode
 
-    splits, _ = pipeline._data(config)
+    splits, _ = pipeline.data_splits(config)
     ev = config.eval
     if prompt_tokens is None:
         tok = _tokenizer(config)
@@ -513,13 +534,21 @@ def _tokenizer(config):
 
 
 def plan(config, device_memory: int | None = None, meshes: list[tuple[int, int]] | None = None,
-         w: Workload | None = None, exact: bool = False, log: Callable[[str], None] = print) -> dict:
+         w: Workload | None = None, exact: bool = False, log: Callable[[str], None] = print,
+         programs: bool = True) -> dict:
     """Per mesh, each stage's per-device peak; and the smallest mesh whose every stage fits
-    ``device_memory`` (the first of ``meshes``, in order, that does)."""
-    from cca_jax.config import parse_dtype
+    ``device_memory`` (the first of ``meshes``, in order, that does). ``programs=False``:
+    what stays resident only, no stage program compiled (a lower bound, in seconds)."""
+    _compiling[0] = programs
+    try:
+        return _plan(config, device_memory, meshes, w, exact, log, programs)
+    finally:
+        _compiling[0] = True
 
+
+def _plan(config, device_memory, meshes, w, exact, log, programs) -> dict:
     cfg = model_config(config.model)
-    dtype = parse_dtype(config.dtype)
+    dtype = run_dtype(config, log)
     w = w or workload(config, log=log)
     meshes = meshes or [(config.mesh.fsdp, config.mesh.tp)]
     rows, fits = [], None
@@ -536,8 +565,8 @@ def plan(config, device_memory: int | None = None, meshes: list[tuple[int, int]]
             fits = {"fsdp": fsdp, "tp": tp, "devices": fsdp * tp}
             if device_memory is not None:
                 break
-    return {"model": config.model, "dtype": config.dtype, "workload": dataclasses.asdict(w),
-            "device_memory": device_memory, "meshes": rows, "smallest_fit": fits}
+    return {"model": config.model, "dtype": jnp.dtype(dtype).name, "workload": dataclasses.asdict(w),
+            "device_memory": device_memory, "programs": programs, "meshes": rows, "smallest_fit": fits}
 
 
 def _size(n: int) -> str:
@@ -556,12 +585,16 @@ def format_table(result: dict) -> str:
         for s in r["stages"]:
             res = ", ".join(f"{k} {_size(v)}" for k, v in s["resident_bytes"].items() if v)
             prog = max(s["programs"].items(), key=lambda kv: kv[1]) if s["programs"] else ("-", 0)
+            prog_cell = f"{prog[0]} {_size(prog[1])}" if result.get("programs", True) else "-"
             lines.append(f"| {r['fsdp']} x {r['tp']} | {s['stage']} | {s['layout'] or 'one device'} | "
-                         f"{_size(s['peak_bytes'])} | {res} | {prog[0]} {_size(prog[1])} |")
+                         f"{_size(s['peak_bytes'])} | {res} | {prog_cell} |")
     fit = result["smallest_fit"]
+    if not result.get("programs", True):
+        lines.append("")
+        lines.append("resident arrays only (--resident-only: no stage program compiled): peaks are lower bounds")
     if result["device_memory"] is not None:
         lines.append("")
         lines.append(f"smallest mesh within {_size(result['device_memory'])} per device: "
-                     + (f"fsdp={fit['fsdp']} x tp={fit['tp']} ({fit['devices']} devices)" if fit
+                     + (f"fsdp={fit['fsdp']} x tp={fit['tp']} ({fit['devices']} device{'s' * (fit['devices'] > 1)})" if fit
                         else "none of those tried"))
     return "\n".join(lines)

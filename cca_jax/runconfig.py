@@ -242,6 +242,12 @@ _SECTIONS = {"data": DataConfig, "eval": EvalConfig, "pivots": PivotConfig, "dcm
              "side_effects": SideEffectsConfig, "generation": GenerationSettings, "mesh": MeshConfig}
 
 
+def section(name: str, raw: dict):
+    """Section ``name`` of a run config (e.g. "mesh") from its raw mapping, checked as in
+    a config file (``eval`` and ``bench-tasks`` take the mesh section alone)."""
+    return _build(_SECTIONS[name], raw, name)
+
+
 def _build(cls, raw, section: str = ""):
     if not isinstance(raw, dict):
         raise CCAError(f"{section} must be a mapping of its keys, got {raw!r}" if section

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
-import numpy as np
 
 _COMPILE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
             "/jax/core/compile/backend_compile_duration")

@@ -106,7 +106,7 @@ def _trained(train):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "remat", "unroll"))
-def _grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False):
+def grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False):
     params, selection = merge_params(train, frozen), _trained(train)
     if not unroll:
         return circuit.circuit_value_and_grad(_loss_sum, params, selection, cfg, tokens, mask, desired, undesired,
@@ -127,7 +127,7 @@ def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n
     losses, total = [], None
     for b in batches:
         # on a mesh, rows over the data axis of the weights' layout (cca_jax.mesh)
-        loss, g = _grad_sum(train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
+        loss, g = grad_sum(train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
                                                   (b.tokens, b.mask, b.desired, b.undesired)), remat, unroll)
         total = _accumulate(total, g, 1.0 / n)
         losses.append(loss)

@@ -143,17 +143,17 @@ def patience_for(batches_per_epoch: int, early_stop: str = "reference") -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sharding"))
-def _placed_prefix_cache(cfg: ModelConfig, params, tokens, mask, sharding):
+def placed_prefix_cache(cfg: ModelConfig, params, tokens, mask, sharding):
     return mesh_lib.constrain_cache(prefix_cache(cfg, params, tokens, mask), sharding)
 
 
-def _prefix_caches(cfg, params, bs, on_host: bool = False):
+def prefix_caches(cfg, params, bs, on_host: bool = False):
     """Each batch's prefix cache; on a mesh laid out like the weights (rows over the data
     axis, KV heads over tp); ``on_host``: parked in host memory, streamed in per step."""
     out = []
     for b in bs:
         cs = mesh_lib.cache_sharding(params, b.tokens.shape[0], cfg.num_kv_heads)
-        c = _placed_prefix_cache(cfg, params, mesh_lib.rows(b.tokens, params), mesh_lib.rows(b.mask, params), cs)
+        c = placed_prefix_cache(cfg, params, mesh_lib.rows(b.tokens, params), mesh_lib.rows(b.mask, params), cs)
         out.append(mesh_lib.to_memory(c, "pinned_host") if on_host else c)
     return out
 
@@ -180,7 +180,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     # into new batches; fixed: batches drawn once, their order shuffled every epoch
     regroup = config.mode == "reference"
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
-    caches = _prefix_caches(cfg, model.params(), bs, caches_on_host)
+    caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
     params = mesh_lib.per_layer(model.params())  # per-layer buffers for the steps: see unstack_layers
     n_b = len(bs)
     opt = make_optimizer(config, n_b)
@@ -207,7 +207,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             same = 0
         if regroup and epoch > 0:
             bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id)
-            caches = _prefix_caches(cfg, model.params(), bs, caches_on_host)
+            caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
         order = list(range(n_b) if regroup else rng.permutation(n_b))
         ahead = mesh_lib.to_memory(caches[order[0]], "device") if caches_on_host else None
         for i, bi in enumerate(order):

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cca_jax import validate
-from cca_jax.mesh import host
 from cca_jax.cca.examples import LocalizationExample
 from cca_jax.generate import generate
+from cca_jax.mesh import host
 
 METHODS = ("prefix", "branching")
 

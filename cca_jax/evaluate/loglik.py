@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cca_jax import mesh as mesh_lib, timing
+from cca_jax import mesh as mesh_lib
+from cca_jax import timing
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.generate import common_prefix_len
