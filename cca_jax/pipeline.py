@@ -311,8 +311,8 @@ def _pivotal_tokens(r: _Run, base, selected):
     gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
                   eos_token_id=stop_ids(r.model, r.tok), **r.config.generation.options(r.config.dtype))
     pc = dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
-    return pivots.localize(r.model_for("generate"), greedy, [(rec["template"], rec["instance"]) for rec in train], judge_for,
-                           pc, gen_kw, progress=r.progress)
+    items = [(rec["template"], rec["instance"]) for rec in train]
+    return pivots.localize(r.model_for("generate"), greedy, items, judge_for, pc, gen_kw, progress=r.progress)
 
 
 def _circuit(r: _Run, loc_key, examples):

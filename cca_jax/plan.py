@@ -433,9 +433,8 @@ def model_config(source: str) -> ModelConfig:
     from pathlib import Path
 
     from cca_jax import config as config_lib
-    from cca_jax.models import source as model_source
-
     from cca_jax.load import local_path
+    from cca_jax.models import source as model_source
 
     src = model_source(source)
     p = local_path(src)
@@ -594,7 +593,8 @@ def format_table(result: dict) -> str:
         lines.append("resident arrays only (--resident-only: no stage program compiled): peaks are lower bounds")
     if result["device_memory"] is not None:
         lines.append("")
-        lines.append(f"smallest mesh within {_size(result['device_memory'])} per device: "
-                     + (f"fsdp={fit['fsdp']} x tp={fit['tp']} ({fit['devices']} device{'s' * (fit['devices'] > 1)})" if fit
-                        else "none of those tried"))
+        found = "none of those tried"
+        if fit:
+            found = f"fsdp={fit['fsdp']} x tp={fit['tp']} ({fit['devices']} device{'s' * (fit['devices'] > 1)})"
+        lines.append(f"smallest mesh within {_size(result['device_memory'])} per device: {found}")
     return "\n".join(lines)

@@ -19,7 +19,8 @@ from tiny import CONFIG, cli_error
 ROOT = Path(__file__).resolve().parent.parent
 
 # one process, 8 host devices: the one-device run (mesh 1 x 1: device 0), the same run on a
-# (2, 4) mesh, and `cca-jax plan` on the runs' measured workload (examples and their length)
+# (2, 4) mesh, the LoRA baseline on both, and `cca-jax plan` on the runs' measured workload
+# (examples and their length)
 EIGHT = textwrap.dedent("""
     import sys
     root, out, config = sys.argv[1:4]
@@ -31,8 +32,11 @@ EIGHT = textwrap.dedent("""
     from cca_jax.cca import examples as ex_lib
 
     assert cli.main(["run", config, "--out", out + "/one", "--quiet"]) == 0
-    assert cli.main(["run", config, "--out", out + "/mesh", "--quiet", "--set", "mesh.fsdp=2",
-                     "--set", "mesh.tp=4"]) == 0
+    mesh = ["--set", "mesh.fsdp=2", "--set", "mesh.tp=4"]
+    assert cli.main(["run", config, "--out", out + "/mesh", "--quiet", *mesh]) == 0
+    lora = ["--set", "method=sft_lora", "--set", "sft.steps=2", "--set", "sft.eval_steps=[2]"]
+    assert cli.main(["run", config, "--out", out + "/one_lora", "--quiet", *lora]) == 0
+    assert cli.main(["run", config, "--out", out + "/mesh_lora", "--quiet", *lora, *mesh]) == 0
     exs = ex_lib.load(out + "/one/stages/localize/examples.jsonl")
     known = ["--examples", str(len(exs)), "--pivot-tokens", str(max(len(e.prefix) for e in exs))]
     assert cli.main(["plan", config, "--meshes", "1x1,2x4", "--json", out + "/plan.json", *known]) == 0
@@ -150,6 +154,16 @@ def test_a_run_on_a_2_by_4_mesh_equals_one_device(runs):
     _same_run(out / "mesh", out / "one")
     t = _summary(out / "mesh")["timings_seconds"]
     assert t["amplify"]["peak_bytes_per_device"] > 0 and t["amplify"]["memory"] == "live_arrays"
+
+
+def test_the_lora_baseline_on_the_mesh_equals_one_device(runs):
+    a, b = _summary(runs["out"] / "mesh_lora"), _summary(runs["out"] / "one_lora")
+    assert a["method"] == "sft_lora" and set(a["loss_by_step"]) == {"1", "2"}
+    for k in ("selected_templates", "best_step", "val_accuracy_by_step", "test_accuracy_before",
+              "test_accuracy_after", "trainable_parameters"):
+        assert a[k] == b[k], k
+    for k, v in b["loss_by_step"].items():
+        assert a["loss_by_step"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
 def test_two_processes_killed_and_resumed_on_another_mesh_equal_one_device(runs):
