@@ -18,10 +18,23 @@ from tiny import CONFIG, cli_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# greedy tokens of the tiny model on a mesh (None: one device), speculative decoding on or
+# off (repeated prompts: the n-gram drafts find matches); the scripts below print them
+SPEC = """
+def spec_tokens(root, fsdp, tp, speculative):
+    import json
+    from cca_jax import load_model, mesh
+    from cca_jax.generate import generate
+    m = mesh.build(mesh.MeshConfig(fsdp, tp)) if fsdp * tp > 1 else None
+    model, _ = load_model(root + "/configs/models/tiny-llama.yaml", mesh=m)
+    prompts = [[5 + (i * 7 + j * 3) % 50 for j in range(6 + i)] * 2 for i in range(4)]
+    return json.dumps(generate(model, prompts, 12, eos_token_id=[], batch_size=4, speculative=speculative))
+"""
+
 # one process, 8 host devices: the one-device run (mesh 1 x 1: device 0), the same run on a
-# (2, 4) mesh, the LoRA baseline on both, and `cca-jax plan` on the runs' measured workload
-# (examples and their length)
-EIGHT = textwrap.dedent("""
+# (2, 4) mesh, the LoRA baseline on both, `cca-jax plan` on the runs' measured workload
+# (examples and their length), and speculative decoding on the mesh
+EIGHT = SPEC + textwrap.dedent("""
     import sys
     root, out, config = sys.argv[1:4]
     sys.path.insert(0, root)
@@ -30,6 +43,9 @@ EIGHT = textwrap.dedent("""
     assert jax.device_count() == 8
     from cca_jax import cli
     from cca_jax.cca import examples as ex_lib
+
+    print("SPEC one off", spec_tokens(root, 1, 1, "off"), flush=True)
+    print("SPEC mesh ngram", spec_tokens(root, 2, 4, "ngram"), flush=True)
 
     assert cli.main(["run", config, "--out", out + "/one", "--quiet"]) == 0
     mesh = ["--set", "mesh.fsdp=2", "--set", "mesh.tp=4"]
@@ -47,7 +63,7 @@ EIGHT = textwrap.dedent("""
 """)
 
 # one of two processes (4 host devices each) over jax.distributed on localhost
-PROCESS = textwrap.dedent("""
+PROCESS = SPEC + textwrap.dedent("""
     import os, sys
     root, coordinator, pid, out, config, kill_at = sys.argv[1:7]
     sys.path.insert(0, root)
@@ -56,6 +72,7 @@ PROCESS = textwrap.dedent("""
     from cca_jax import cli, mesh, pipeline, runconfig
     if int(kill_at):  # the pipeline API on (2, 4), killed (no clean-up) after that amplification step
         mesh.initialize_distributed(coordinator, 2, int(pid))
+        print("SPEC two ngram", spec_tokens(root, 2, 4, "ngram"), flush=True)
         cfg = runconfig.load(config, ["mesh.fsdp=2", "mesh.tp=4", "mesh.dcm_cache=host"])
         to_memory, parked = mesh.to_memory, []
 
@@ -185,6 +202,19 @@ def test_two_processes_killed_and_resumed_on_another_mesh_equal_one_device(runs)
     ours = [ln for ln in out0.splitlines() if ln.strip() and not any(w in ln for w in gloo)]
     assert len(ours) >= 4 and not any(ln in out1 for ln in ours), out1
     _same_run(out / "two", out / "one")
+
+
+def _spec(text: str, name: str) -> list:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"SPEC {name} "))
+    return json.loads(line.split(" ", 3)[3])
+
+
+def test_speculative_decoding_on_a_mesh_and_over_two_processes_gives_the_one_device_tokens(runs):
+    one = _spec(runs["eight"], "one off")
+    assert len(one) == 4 and all(len(r) == 12 for r in one)
+    assert _spec(runs["eight"], "mesh ngram") == one
+    for _, out, _ in runs["killed"]:
+        assert _spec(out, "two ngram") == one
 
 
 def test_planner_predicts_what_the_run_keeps_on_a_device(runs):
