@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from tiny import CONFIG, cli_error
 
 ROOT = Path(__file__).resolve().parent.parent
