@@ -97,7 +97,7 @@ _GENERATION_OPTIONS = {"speculative": "--speculative", "k": "--spec-k", "ngram":
 
 def _add_generation_options(s) -> None:
     s.add_argument("--speculative", default=None,
-                   help="exact speculative decoding: auto (ngram on GPU/TPU, off on CPU; the default), off, "
+                   help="exact speculative decoding: auto (off: measured slower on an H200 and the CPU; the default), off, "
                         "ngram (drafts from the prompt and output), model (drafts from --draft)")
     s.add_argument("--spec-k", type=int, default=None, help="draft tokens per verify step (default 4)")
     s.add_argument("--spec-ngram", type=int, default=None, help="longest suffix the n-gram lookup matches (default 3)")

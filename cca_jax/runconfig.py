@@ -164,10 +164,9 @@ class GenerationSettings:
     """How every stage generates (evaluation, pivot sampling, the test, side effects).
 
     Speculative decoding (cca_jax/speculative.py) is exact: the same greedy tokens (up to
-    floating-point ties) and the same sampling distribution as plain decoding. auto:
-    ngram on a GPU/TPU, where a decode step is memory-bound and verifying k + 1 tokens
-    costs about what one token does; off on the CPU, where a step is compute-bound and
-    the rejected drafts are paid in full (bench/NOTES.md, "Speculative decoding")."""
+    floating-point ties) and the same sampling distribution as plain decoding. auto: off
+    on every backend; n-gram drafts were measured slower than plain decoding on an H200
+    and on the CPU (speculative.resolve, BENCHMARKS.md)."""
 
     speculative: str = "auto"  # auto | off | ngram (drafts from the prompt and output) | model
     k: int = 4  # draft tokens per verify step

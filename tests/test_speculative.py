@@ -249,10 +249,10 @@ def test_generation_settings_in_run_configs(tmp_path):
     assert cfg.generation.options() == {"speculative": "ngram", "spec_k": 6, "spec_ngram": 3}
     # sampled pivots depend on the speculative settings: they are part of that stage's key
     assert cfg.generation.sampler() == {"speculative": "ngram", "k": 6, "ngram": 3}
-    # auto: off on this CPU (compute-bound decode), ngram on an accelerator
+    # auto: off on every backend (measured slower than plain decoding on an H200 and the CPU)
     auto = runconfig.load(tiny.CONFIG).generation
-    assert auto.options()["speculative"] == ("off" if jax.default_backend() == "cpu" else "ngram")
-    assert (auto.sampler() is None) == (jax.default_backend() == "cpu")
+    assert auto.options()["speculative"] == "off"
+    assert auto.sampler() is None
     for override, msg in (("generation.speculative=fast", "generation.speculative must be one of auto, off"),
                           ("generation.k=0", "generation.k must be >= 1"),
                           ("generation.k=17", "generation.k must be <= 16"),
