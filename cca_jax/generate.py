@@ -149,6 +149,10 @@ class GenerationConfig:
     chunk: int = 32  # decode steps per compiled call
     share_prefix: bool = True  # encode a context every prompt starts with once
     min_shared_prefix: int = 8  # ... when it is at least this many tokens
+    # a shared prefix at least this long is cut to a multiple of it (the rest is prefilled
+    # with each row): calls whose contexts differ in length (pivot sampling, one call per
+    # item) then reuse compiled programs instead of compiling new shapes for each
+    shared_bucket: int = 32
     write_first: bool = True  # decode steps write keys/values before attending (decode_chunk)
     # send the next decode chunk before reading the last one's tokens, while no row has
     # finished, so the device never waits for the host between chunks
@@ -190,6 +194,8 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
     params = mesh_lib.per_layer(stacked)  # unstack_layers; unmerged when heads are split over devices
     eos = jnp.asarray(_eos_ids(model, config.eos_token_id))
     shared = common_prefix_len(prompts) if config.share_prefix and len(prompts) > 1 else 0
+    if shared >= config.shared_bucket > 0:
+        shared -= shared % config.shared_bucket
     if shared < config.min_shared_prefix:
         shared = 0
     suffix_len = _bucket(max(len(p) - shared for p in prompts), 16)

@@ -74,7 +74,16 @@ def eval_cli(capsys, tmp_path, data: Path, *names) -> str:
 
 @pytest.fixture
 def small_budget(monkeypatch):
+    """For the tests of the time limit itself."""
     monkeypatch.setenv(tpl.SECONDS_ENV, SECONDS)
+
+
+@pytest.fixture
+def size_budget(monkeypatch):
+    """For the size and depth checks: short enough that a missing check fails fast, long
+    enough that a slow or loaded machine meets the size check first (with 0.5 s a loaded
+    CI machine hit the time limit while rendering 30,000 placeholders)."""
+    monkeypatch.setenv(tpl.SECONDS_ENV, "15")
 
 
 # ---------------------------------------------------------------- sizes (defect 5)
@@ -89,7 +98,7 @@ def small_budget(monkeypatch):
     ("cond", "['ab'*50000]*2 == []"),  # characters count
     ("cond", "[range(99999)] + [range(99999)] == []"),
 ])
-def test_nested_values_are_bounded_before_they_are_built(capsys, tmp_path, small_budget, where, expr):
+def test_nested_values_are_bounded_before_they_are_built(capsys, tmp_path, size_budget, where, expr):
     if where == "answer_text":
         d = template(answer_text=f"{{{expr}}}\n#### {{x}}")
     elif where == "init":
@@ -106,7 +115,7 @@ def test_nested_values_are_bounded_before_they_are_built(capsys, tmp_path, small
     "{[2**2000 * 2**2000 + x]*99999}\n#### {x}",  # few elements, each 1205 digits long
     "{x} " * 30_000 + "\n#### {x}",  # many short placeholders
 ])
-def test_rendered_text_is_bounded(capsys, tmp_path, small_budget, answer_text):
+def test_rendered_text_is_bounded(capsys, tmp_path, size_budget, answer_text):
     data_cli(capsys, tmp_path, template(answer_text=answer_text), "template 77",
              f"longer than {tpl.MAX_RENDERED_CHARS} characters")
 
@@ -156,7 +165,7 @@ def test_memory_error_is_one_line(capsys, tmp_path, monkeypatch, function, init,
     data_cli(capsys, tmp_path, template(init=init), "template 77", "ran out of memory", doing)
 
 
-def test_values_nested_deeper_than_the_stack(capsys, tmp_path, small_budget):
+def test_values_nested_deeper_than_the_stack(capsys, tmp_path, size_budget):
     chain = "".join(f"- $a{i} = [[a{i - 1}]]\n" for i in range(1, 1200))
     d = template(extra="- $a0 = [[x]]\n" + chain, answer_text="{a1199}\n#### {x}")
     data_cli(capsys, tmp_path, d, "template 77", "nested too deeply")

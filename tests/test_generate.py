@@ -44,6 +44,30 @@ def test_shared_prefix_cache_gives_the_same_tokens(hf_dirs):
     assert a == b
 
 
+def test_shared_prefix_bucket_reuses_programs_and_keeps_the_tokens(hf_dirs):
+    """Pivot sampling makes one call per item (the item's prompt, repeated): the shared
+    prefix is the whole prompt, a different length each time. Cut to a multiple of
+    ``shared_bucket``, the calls reuse their programs; the tokens are the same."""
+    from cca_jax import timing
+
+    _, d = hf_dirs["gemma2"]  # sliding window: positions must be right after the prefix
+    model, _ = cca_jax.load_model(d)
+    rng = np.random.default_rng(7)
+    context = list(rng.integers(3, tiny.VOCAB, size=40))
+    items = [context + list(rng.integers(3, tiny.VOCAB, size=n)) for n in (3, 5, 8, 11, 13)]
+    compiles, tokens = {}, {}
+    for bucket in (1, 32):
+        kw = {"eos_token_id": [], "chunk": 4, "shared_bucket": bucket}
+        tokens[bucket] = [generate(model, [items[0]] * 3, 6, **kw)]
+        with timing.account() as acc:
+            tokens[bucket] += [generate(model, [p] * 3, 6, **kw) for p in items[1:]]
+        compiles[bucket] = acc.compiles
+    assert tokens[1] == tokens[32]
+    # shared 42..52 tokens: all cut to 32 (only the suffix bucket 16 -> 32 is new), against
+    # a new prefix length, hence new prefill and cache programs, for every item
+    assert 2 * compiles[32] <= compiles[1], compiles
+
+
 def test_batches_and_order(hf_dirs):
     _, d = hf_dirs["qwen2"]
     model, _ = cca_jax.load_model(d)
