@@ -302,7 +302,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
 
     ``options`` are ``GenerationConfig``'s fields (eos_token_id, pad_token_id, batch_size,
-    chunk, share_prefix, min_shared_prefix, write_first, ahead; speculative, spec_k,
+    chunk, share_prefix, min_shared_prefix, shared_bucket, write_first, ahead; speculative, spec_k,
     spec_ngram, spec_iters, draft_model) and the sampling ones (temperature (0 = greedy),
     top_k, top_p). See ``generate_with``."""
     config = GenerationConfig.of(max_new_tokens, **options)
