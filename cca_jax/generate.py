@@ -29,55 +29,8 @@ from cca_jax.errors import CCAError
 from cca_jax.model.cache import KVCache, init_cache, tile_cache
 from cca_jax.model.prefill import left_pad, prefill
 from cca_jax.model.transformer import forward
-
-# A stop rule sees one row's generated ids and returns how many to keep, or None to go on.
-StopRule = Callable[[Sequence[int]], "int | None"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise CCAError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise CCAError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise CCAError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
-    """Temperature, then top-k, then top-p (transformers' order and definitions).
-
-    Removed tokens get -inf. top-k keeps the k largest logits (ties at the k-th kept);
-    top-p keeps the smallest set of most likely tokens whose probability reaches p.
-    """
-    x = logits.astype(jnp.float32)
-    if s.temperature > 0:
-        x = x / s.temperature
-    if s.top_k is not None and s.top_k < x.shape[-1]:
-        kth = jax.lax.top_k(x, s.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if s.top_p is not None and s.top_p < 1.0:
-        order = jnp.argsort(x, axis=-1)  # ascending, as transformers does
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
-        remove_sorted = cum <= (1.0 - s.top_p)
-        remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least one
-        remove = jnp.zeros_like(remove_sorted).at[
-            jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
-        x = jnp.where(remove, -jnp.inf, x)
-    return x
-
-
-def next_token(key: jax.Array, logits: jax.Array, s: Sampling) -> jax.Array:
-    if s.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
-
+# Sampling and filter_logits stay importable from here (their home is sampling.py)
+from cca_jax.sampling import Sampling, StopRule, check_stops, filter_logits, next_token, row_tokens  # noqa: F401
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "write_first"), donate_argnames=("cache",))
 def decode_chunk(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eos, pad, steps: int, sampling: Sampling,
@@ -218,15 +171,6 @@ def _launch(plan: _Plan, config: GenerationConfig, state, stopped: np.ndarray, s
     return out, sent + steps
 
 
-def _check_stops(stop: StopRule, out: np.ndarray, stopped: np.ndarray, keep: list, n: int, eos: np.ndarray):
-    """Apply the stop rule to the first ``n`` rows not yet stopped (in place)."""
-    for r in range(n):
-        if not stopped[r]:
-            k = stop(_row(out[r], eos))
-            if k is not None:
-                stopped[r], keep[r] = True, k
-
-
 def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop: StopRule | None, n: int):
     """Decode chunks until the first ``n`` rows have all finished or the budget is spent:
     (tokens (rows, <= max_new_tokens), per row the stop rule's cut or None)."""
@@ -245,7 +189,7 @@ def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop
         new, done_host = timing.fetch((new, state[2]))
         out = np.concatenate([out, new], axis=1)
         if stop is not None:
-            _check_stops(stop, out, stopped, keep, n, eos)
+            check_stops(stop, out, stopped, keep, n, eos)
         finished = done_host | stopped
         any_done = bool(finished[:n].any())
         if finished[:n].all():
@@ -278,7 +222,7 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
         out, keep = speculative.decode_rows(plan, config, cache, logits, key, stop, n, toks, mask, draft)
     else:
         out, keep = _decode_rows(plan, config, cache, logits, key, stop, n)
-    seqs = [_row(out[r], np.asarray(plan.eos)) for r in range(n)]
+    seqs = [row_tokens(out[r], np.asarray(plan.eos)) for r in range(n)]
     return [seq[:k] if k is not None else seq for seq, k in zip(seqs, keep)]
 
 
@@ -352,10 +296,3 @@ def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationCon
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
-
-
-def _row(tokens: np.ndarray, eos: np.ndarray) -> list[int]:
-    """A row's ids up to and including its first EOS."""
-    hits = np.nonzero(np.isin(tokens, eos))[0]
-    end = int(hits[0]) + 1 if len(hits) else len(tokens)
-    return [int(t) for t in tokens[:end]]

@@ -77,9 +77,9 @@ def local_path(src: str) -> Path:
     (``configs/models/gemma-2-2b.yaml`` works from any folder)."""
     path = Path(os.path.expanduser(src))
     if not path.exists() and src.endswith((".yaml", ".yml")):
-        from cca_jax import runconfig
+        from cca_jax.package_files import packaged
 
-        found = runconfig.packaged(src)
+        found = packaged(src)
         if found is not None:
             return found
     return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from cca_jax.config import ATTENTION, parse_dtype
 from cca_jax.data.answers import MODES as ANSWER_MODES
 from cca_jax.errors import CCAError
 from cca_jax.mesh import MeshConfig
+from cca_jax.package_files import configs_dir, packaged  # noqa: F401 (runconfig.packaged: public here too)
 from cca_jax.validate import COUNT, NONEMPTY, SEED, Rule, above, at_least, at_most, one_of
 from cca_jax.evaluate.tasks import RENAMED as RENAMED_TASKS
 from cca_jax.evaluate.tasks import TASKS
@@ -166,7 +168,7 @@ class GenerationSettings:
     Speculative decoding (cca_jax/speculative.py) is exact: the same greedy tokens (up to
     floating-point ties) and the same sampling distribution as plain decoding. auto: off
     on every backend; n-gram drafts were measured slower than plain decoding on an H200
-    and on the CPU (speculative.resolve, BENCHMARKS.md)."""
+    and on the CPU (speculative_method, BENCHMARKS.md)."""
 
     speculative: str = "auto"  # auto | off | ngram (drafts from the prompt and output) | model
     k: int = 4  # draft tokens per verify step
@@ -182,9 +184,7 @@ class GenerationSettings:
     def sampler(self) -> dict | None:
         """What decides sampled tokens beyond the seed: None for plain decoding, else the
         resolved speculative settings (part of the pivot stage's key)."""
-        from cca_jax import speculative
-
-        method = speculative.resolve(self.speculative)
+        method = speculative_method(self.speculative)
         if method == "off":
             return None
         return {"speculative": method, "k": self.k, "ngram": self.ngram,
@@ -193,9 +193,30 @@ class GenerationSettings:
     def options(self, dtype: str = "auto") -> dict:
         """``generate``'s keyword arguments (auto resolved for this process's backend; a
         draft model loaded once)."""
-        from cca_jax import speculative
+        method = speculative_method(self.speculative)
+        opts = {"speculative": method, "spec_k": self.k, "spec_ngram": self.ngram}
+        if method == "model":
+            from cca_jax import models
 
-        return speculative.options(self.speculative, self.k, self.ngram, self.draft, dtype)
+            opts["draft_model"] = _load_draft(models.source(self.draft), dtype)
+        return opts
+
+
+def speculative_method(method: str) -> str:
+    """``auto``: off on every backend. Measured: on an H200, n-gram drafts on GSM 8-shot
+    prompts (Qwen2.5-Coder-0.5B, batch 32) ran at 0.77-0.89x plain decoding for k = 2..6,
+    and at 0.97-1.08x on the CPU (BENCHMARKS.md): the batch's rows seldom agree long
+    enough for a verify step to pay. ``ngram`` and ``model`` stay available by name."""
+    return "off" if method == "auto" else method
+
+
+@functools.lru_cache(maxsize=1)
+def _load_draft(source: str, dtype: str):
+    """The draft model, loaded once per process."""
+    from cca_jax.load import load_model
+
+    model, _ = load_model(source, dtype=dtype, with_tokenizer=False)
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,34 +332,9 @@ def _read(p: Path):
 
 # -- configs the package carries --------------------------------------------------------------
 
-def configs_dir() -> Path:
-    """The run configs the package carries: ``cca_jax/configs`` in an installed wheel, the
-    checkout's top-level ``configs/`` (their source) otherwise."""
-    here = Path(__file__).resolve().parent
-    for d in (here / "configs", here.parent / "configs"):
-        if (d / "tiny.yaml").is_file():
-            return d
-    raise CCAError(f"no run configs next to the package ({here / 'configs'}): reinstall cca-jax")
-
-
 def names() -> list[str]:
     """Names of the packaged run configs (``cca-jax run NAME``)."""
     return sorted(p.stem for p in configs_dir().glob("*.yaml"))
-
-
-def packaged(ref: str | Path) -> Path | None:
-    """The packaged file ``ref`` names: ``tiny``, ``tiny.yaml``, ``configs/tiny.yaml`` or
-    ``configs/models/tiny-llama.yaml`` (the repository's paths work from any folder);
-    None for anything else."""
-    parts = Path(ref).parts
-    if parts[:1] == ("configs",):
-        parts = parts[1:]
-    if not parts or any(p in ("..", ".") for p in parts) or Path(ref).is_absolute():
-        return None
-    if len(parts) == 1 and not parts[0].endswith((".yaml", ".yml")):
-        parts = (parts[0] + ".yaml",)
-    cand = configs_dir().joinpath(*parts)
-    return cand if cand.is_file() else None
 
 
 def resolve(config: str | Path) -> Path:

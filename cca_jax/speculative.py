@@ -45,6 +45,7 @@ from cca_jax.errors import CCAError
 from cca_jax.model.cache import KVCache, init_cache, tile_cache, write_rows
 from cca_jax.model.prefill import prefill
 from cca_jax.model.transformer import forward
+from cca_jax.sampling import check_stops, filter_logits, next_token
 
 METHODS = ("off", "ngram", "model")
 _NO_TOKEN = -1  # the token buffer's padding: never matches, never drafted
@@ -69,36 +70,6 @@ def check(method: str, k: int, ngram: int, iters: int, draft_model) -> None:
             raise CCAError(f"{name} must be an integer >= 1, got {v!r}")
     if method == "model" and draft_model is None:
         raise CCAError("speculative: model needs a draft model (draft_model=, or generation.draft in a run config)")
-
-
-def resolve(method: str) -> str:
-    """``auto``: off on every backend. Measured: on an H200, n-gram drafts on GSM 8-shot
-    prompts (Qwen2.5-Coder-0.5B, batch 32) ran at 0.77-0.89x plain decoding for k = 2..6,
-    and at 0.97-1.08x on the CPU (BENCHMARKS.md): the batch's rows seldom agree long
-    enough for a verify step to pay. ``ngram`` and ``model`` stay available by name."""
-    if method != "auto":
-        return method
-    return "off"
-
-
-@functools.lru_cache(maxsize=1)
-def _load_draft(source: str, dtype: str):
-    from cca_jax import load_model
-
-    model, _ = load_model(source, dtype=dtype, with_tokenizer=False)
-    return model
-
-
-def options(method: str, k: int, ngram: int, draft: str | None, dtype: str = "auto") -> dict:
-    """``generate`` keyword arguments from a run config's ``generation`` section (the
-    draft model loaded once per process, in ``dtype``)."""
-    method = resolve(method)
-    opts = {"speculative": method, "spec_k": k, "spec_ngram": ngram}
-    if method == "model":
-        from cca_jax import models
-
-        opts["draft_model"] = _load_draft(models.source(draft), dtype)
-    return opts
 
 
 @struct.dataclass
@@ -180,7 +151,6 @@ def _accept_sampled(logits: jax.Array, drafts: jax.Array, sampling, key: jax.Arr
     """Rejection sampling with a point-mass draft: draft d kept with probability p(d); at
     the first rejection the token comes from p without d (renormalised: the residual
     max(p - q, 0) of a point mass q), after k kept drafts from the next position's p."""
-    from cca_jax.generate import filter_logits
 
     B, K1, V = logits.shape
     x = filter_logits(logits.reshape(B * K1, V), sampling).reshape(B, K1, V)
@@ -270,7 +240,6 @@ def verify_chunk(cfg: ModelConfig, params, dcfg, dparams, state: SpecState, stop
 def init_state(cache: KVCache, draft, logits, tokens, offset, key, eos, P, max_new, sampling):
     """The state after the prefill: the first token from the prompt's last logits (as plain
     decoding takes it), pending at slot P."""
-    from cca_jax.generate import next_token
 
     key, sub = jax.random.split(key)
     first = next_token(sub, logits, sampling)
@@ -368,7 +337,6 @@ def _buffer(plan, toks: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
 def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray, mask: np.ndarray, draft=None):
     """``generate``'s decode loop, speculative: (tokens (rows, max_new_tokens), per row the
     stop rule's cut or None), as ``generate._decode_rows`` returns them."""
-    from cca_jax.generate import _check_stops
 
     spec = Speculation(config.speculative, config.spec_k, config.spec_ngram, config.spec_iters)
     rows, max_new, P = logits.shape[0], config.max_new_tokens, plan.shared + plan.suffix_len
@@ -394,7 +362,7 @@ def decode_rows(plan, config, cache, logits, key, stop, n: int, toks: np.ndarray
         n_ = np.minimum(n_, max_new)
         out = np.where(np.arange(max_new)[None] < n_[:, None], toks_[:, P:P + max_new], config.pad_token_id)
         if stop is not None:
-            _check_stops(stop, [r[:c] for r, c in zip(out, n_)], stopped, keep, n, eos)
+            check_stops(stop, [r[:c] for r, c in zip(out, n_)], stopped, keep, n, eos)
         return out, (done | stopped)[:n].all(), (done | stopped)[:n].any(), (n_, steps, acc), int(ran)
 
     out, finished, any_done, figures, ran = read(view)
