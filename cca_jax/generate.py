@@ -204,8 +204,12 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
     """One batch: prefill its suffixes on the shared prefix, decode, cut each row."""
     rows = [p[plan.shared:] for p in prompts]
     n = len(rows)
-    if pad_rows and n < config.batch_size:  # keep one compiled shape: pad rows
-        rows = rows + [rows[-1]] * (config.batch_size - n)
+    # padded rows (copies of the last; dropped below) keep the compiled shapes few: the
+    # last batch of a long call to the full size, a lone batch to a power of two (calls of
+    # 22, 23, 24 and 30 prompts share one program; decoding is bound by reading the
+    # weights, so the extra rows cost little)
+    size = config.batch_size if pad_rows else min(config.batch_size, 1 << (n - 1).bit_length())
+    rows = rows + [rows[-1]] * (size - n)
     # on a mesh, whole rows per device: padded to a multiple of the data axis (the rows
     # already there draw the same random numbers: they depend on the row, not the count)
     rows = rows + [rows[-1]] * (mesh_lib.padded_rows(plan.stacked, len(rows)) - len(rows))

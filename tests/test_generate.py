@@ -68,6 +68,24 @@ def test_shared_prefix_bucket_reuses_programs_and_keeps_the_tokens(hf_dirs):
     assert 2 * compiles[32] <= compiles[1], compiles
 
 
+def test_lone_batches_share_a_power_of_two_row_count(hf_dirs):
+    """Evaluation makes one call per template and split, each with its own number of
+    prompts: a lone batch is padded to a power of two, so calls of 5, 6 and 7 prompts run
+    one compiled program (and give the tokens they give one by one)."""
+    from cca_jax import timing
+
+    _, d = hf_dirs["qwen2"]
+    model, _ = cca_jax.load_model(d)
+    prompts = tiny.prompt_batch(7, seed=5)
+    kw = {"eos_token_id": [], "chunk": 4, "share_prefix": False}
+    generate(model, prompts[:4], 6, **kw)  # compiles the programs of 4 rows
+    generate(model, prompts[:5], 6, **kw)  # ... and of 8 rows
+    with timing.account() as acc:
+        outs = [generate(model, prompts[:n], 6, **kw) for n in (6, 7)]
+    assert acc.compiles == 0, acc.compiles
+    assert outs[1][:6] == outs[0] and outs[1][:2] == [generate(model, [p], 6, **kw)[0] for p in prompts[:2]]
+
+
 def test_batches_and_order(hf_dirs):
     _, d = hf_dirs["qwen2"]
     model, _ = cca_jax.load_model(d)
