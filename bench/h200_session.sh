@@ -28,8 +28,10 @@ prep() {
     cat /tmp/w/part_* > "$GGUF.part" && mv "$GGUF.part" "$GGUF"
   fi
   echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $GGUF" | sha256sum -c - || exit 2
-  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target /tmp/site-cca .whl/orig/gguf-*.whl
+  local whl=.whl/orig/gguf-*.whl
+  [ -d .whl/nb ] && whl=".whl/nb/*.whl"  # gguf, penzai and ordered-set (the notebook's views)
+  python3 -c "import gguf, penzai" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site-cca $whl
   python3 -c "import jax, gguf, cca_jax; print('jax', jax.__version__, jax.devices(), 'gguf', gguf.__file__)"
   nvidia-smi --query-gpu=name,memory.total --format=csv
 }
@@ -56,7 +58,8 @@ wait_sbs() {
 
 qwen10() {
   rm -rf /tmp/q10
-  CUDA_VISIBLE_DEVICES=1 python3 -m cca_jax.cli run configs/qwen2.5-coder-0.5b.yaml --out /tmp/q10 \
+  local gpu=${1:-1}; shift || true
+  CUDA_VISIBLE_DEVICES=$gpu CCA_JAX_COMPILE_CACHE=${Q10_CACHE:-/tmp/cc_q10_$$} python3 -m cca_jax.cli run configs/qwen2.5-coder-0.5b.yaml --out /tmp/q10 \
     --set model=$GGUF --set data.templates=.devdata/templates --quiet "$@" 2>&1 | tail -n 12
   mkdir -p "$OUT/q10" && cp /tmp/q10/summary.json /tmp/q10/report.md "$OUT/q10/" 2>/dev/null
   python3 - <<'EOF'
@@ -77,6 +80,50 @@ mesh() {
   python3 bench/mesh_perf.py --out "$OUT/mesh" "$@"
 }
 
+# ---- eighth session (issues 20, 21, 23): three calls on nvidia-h200-x2
+# s1: GPU 0 each stage of gemma-2-9b then OLMo-2-13B on one GPU; GPU 1 (background) the
+#     quickstart notebook on the real Qwen GGUF, then the one-GPU float32 Qwen run
+# s2: the same stages on both GPUs (mesh 1 x 2, layouts as a run picks them)
+# s3: the two-GPU Qwen run (compared with s1's), then the 10-template Qwen run (GPU 0)
+#     beside one seed of the issue-22 sweep (GPU 1)
+STAGES=dcm,generate,amplify
+s1() {
+  prep || exit 2
+  mkdir -p /tmp/bg && : > /tmp/bg/status
+  setsid nohup bash -c "
+    CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 CCA_NOTEBOOK_MODEL=$GGUF CCA_NOTEBOOK_OUT=/tmp/nb/run \
+      python3 bench/run_notebook.py colab/quickstart.ipynb --out /tmp/nb > /tmp/bg/nb.log 2>&1; echo nb-rc \$? >> /tmp/bg/status
+    QWEN_WHICH=one QWEN_GPU=1 QWEN_GGUF=$GGUF XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
+      python3 bench/mesh_perf.py --only qwen --out /tmp/bg/qwen1 > /tmp/bg/qwen1.log 2>&1; echo q1-rc \$? >> /tmp/bg/status
+  " > /dev/null 2>&1 < /dev/null &
+  python3 bench/mesh_perf.py --stagewise gemma-2-9b:1:0 --stages $STAGES --budget "${B1:-255}" --out "$OUT/mesh"
+  python3 bench/mesh_perf.py --stagewise olmo-2-13b:1:0 --stages $STAGES --budget "${B2:-255}" --out "$OUT/mesh"
+  bg_report
+}
+bg_report() {
+  echo "== background: $(tr '\n' ' ' < /tmp/bg/status)"
+  grep -E "^\[cell|^notebook|test accuracy|LOGITS|CIRCUIT_ONLY|Error|error" /tmp/bg/nb.log | tail -n 25
+  tail -n 6 /tmp/bg/qwen1.log 2>/dev/null
+  mkdir -p "$OUT/bg" && cp /tmp/nb/notebook_times.json /tmp/bg/qwen1/mesh_perf.json "$OUT/bg/" 2>/dev/null
+  tail -c 300000 /tmp/bg/nb.log > "$OUT/bg/nb.log" 2>/dev/null; true
+}
+s2() {
+  python3 bench/mesh_perf.py --stagewise gemma-2-9b:1x2 --stages $STAGES --budget "${B1:-260}" --out "$OUT/mesh"
+  python3 bench/mesh_perf.py --stagewise olmo-2-13b:1x2 --stages $STAGES --budget "${B2:-260}" --out "$OUT/mesh"
+  bg_report
+}
+s3() {
+  QWEN_WHICH=two QWEN_GGUF=$GGUF timeout "${B1:-200}" python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen2"
+  rm -rf /tmp/q10 /tmp/sw
+  CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 setsid nohup python3 -m cca_jax.cli sweep \
+    configs/qwen2.5-coder-0.5b.yaml --seeds 0 --vary localize=dcm,random --out /tmp/sw --quiet \
+    --set model=$GGUF --set data.templates=.devdata/templates --set dcm.target_fraction=0.02 \
+    > /tmp/bg/sweep.log 2>&1 < /dev/null &
+  timeout "${B2:-330}" bash "$0" qwen10 0
+  tail -n 15 /tmp/bg/sweep.log; ls /tmp/sw /tmp/sw/* 2>/dev/null | head -30
+  for f in /tmp/sw/*/summary.json; do [ -f "$f" ] && python3 -c "import json,sys; s=json.load(open('$f')); print('$f', {k: v.get('total') for k, v in s['timings_seconds'].items() if isinstance(v, dict)})"; done
+}
+
 case "${1:-}" in
   prep) prep ;;
   sbs) sbs ;;
@@ -84,5 +131,8 @@ case "${1:-}" in
   qwen10) shift; qwen10 "$@" ;;
   perf) shift; perf "$@" ;;
   mesh) shift; mesh "$@" ;;
+  s1) s1 ;;
+  s2) s2 ;;
+  s3) s3 ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -300,7 +300,7 @@ def _row(r: dict, one: dict | None) -> str:
     speed = one["seconds"] / r["seconds"] if one and "seconds" in one and r["devices"] > 1 else None
     ratio = r["planned_GiB"] / r["peak_GiB"] if r.get("peak_GiB") else None
     f = (lambda x, s: "-" if x is None else format(x, s))
-    return (f"| {r['model']} | {r['stage']} | {r['mesh']} | {f(r['seconds'], '.4f')} | {f(speed, '.2f')} | "
+    return (f"| {r['model']} | {r['stage']} | {r['mesh']}:{r.get('layout', '')} | {f(r['seconds'], '.4f')} | {f(speed, '.2f')} | "
             f"{f(r.get('peak_GiB'), '.1f')} | {f(r['planned_GiB'], '.1f')} | {f(ratio, '.2f')} |")
 
 
@@ -456,6 +456,40 @@ def run_quick(name: str, budget: float, log) -> dict:
     return res
 
 
+def run_stagewise(jobs: list[str], stages: list[str], budget: float, log) -> list[dict]:
+    """Each ``MODEL:MESH[:GPU[:MEM_FRACTION]]`` job in one process (its stages in order,
+    ``mesh: auto`` layouts, the planner's peak beside each), the jobs side by side (one
+    GPU each, or both GPUs for a 2-GPU mesh); cut off after ``budget`` seconds. One process
+    per model and mesh keeps the loads few: order the stages by memory (dcm, generate,
+    amplify), so the peak so far is each stage's own."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="mesh_stagewise_"))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    started = []
+    for j in jobs:
+        name, spec, *rest = j.split(":")
+        env = _env(spec, int(rest[0]) if rest else 0)
+        if len(rest) > 1:  # two jobs share a GPU: each its share of the memory
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = rest[1]
+        started.append((name, spec, _Job(me + ["--part", f"{name}:{','.join(stages)}:{spec}"], env,
+                                         tmp / f"{name}_{spec}")))
+    deadline = time.monotonic() + budget
+    rows = []
+    for name, spec, job in started:
+        rc, out, err = job.wait(deadline)
+        done = _rows_of(out)
+        for r in done:
+            log(_row(r, None))
+        rows += done
+        left = [s for s in stages if s not in {r["stage"] for r in done}]
+        if left:
+            why = "cut off (--budget)" if rc is None else _error(err or out)
+            rows.append({"model": name, "mesh": spec, "stages": left, "error": why})
+            log(f"| {name} | {', '.join(left)} | {spec} | {why} | | | | |")
+    return rows
+
+
 def run_plan(log) -> dict:
     """``cca-jax plan`` on this GPU for the paper's configs, 1 and 2 devices."""
     out = {}
@@ -484,16 +518,23 @@ def run_qwen(out_dir: Path, timeout: float, log) -> dict:
         return {"error": "QWEN_GGUF not set"}
     config = os.environ.get("QWEN_CONFIG", "configs/demo.yaml")
     res = {}
+    # QWEN_WHICH=one|two: only that half (two device calls; the other half's run dir stays
+    # on the machine and is compared once both exist); QWEN_GPU: the GPU of the one-GPU run
+    which = os.environ.get("QWEN_WHICH", "one,two").split(",")
     for name, spec, sets in (("one", "1", []), ("two", "1x2", ["--set", "mesh.tp=2"])):
         d = out_dir / f"qwen_{name}"
+        if name not in which:
+            continue
         args = [sys.executable, "-m", "cca_jax.cli", "run", config, "--out", str(d), "--quiet", "--set",
                 f"model={gguf}", "--set", "dtype=float32", *sets, *os.environ.get("QWEN_SETS", "").split()]
         t = time.perf_counter()
-        p = subprocess.run(args, capture_output=True, text=True, env=_env(spec), cwd=ROOT, timeout=timeout, check=False)
+        p = subprocess.run(args, capture_output=True, text=True, env=_env(spec, int(os.environ.get("QWEN_GPU", "0"))),
+                           cwd=ROOT, timeout=timeout, check=False)
         res[name] = {"rc": p.returncode, "seconds": round(time.perf_counter() - t, 1), "tail": p.stdout[-600:],
                      "err": p.stderr[-1500:] if p.returncode else ""}
         log(f"qwen {name}: rc {p.returncode}, {res[name]['seconds']} s\n{p.stdout[-400:]}{res[name]['err']}")
-    if all(res[n]["rc"] == 0 for n in res):
+    if all((out_dir / f"qwen_{n}" / "summary.json").is_file() for n in ("one", "two")) and \
+            all(r["rc"] == 0 for r in res.values()):
         a, b = (json.loads((out_dir / f"qwen_{n}" / "summary.json").read_text()) for n in ("one", "two"))
         keys = ("selected_templates", "localization", "components_selected", "best_step", "val_accuracy_by_step",
                 "test_accuracy_before", "test_accuracy_after")
@@ -519,6 +560,8 @@ def main():
     ap.add_argument("--stages", default="dcm,generate,amplify,sft", help="comma-separated stages of the models")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--timeout", type=float, default=400, help="per measurement (s)")
+    ap.add_argument("--stagewise", action="append", default=[],
+                    help="MODEL:MESH[:GPU[:MEM_FRACTION]] (repeat: side by side): --stages in one process each")
     args = ap.parse_args()
     if args.part:
         name, stages, spec = args.part.split(":", 2)
@@ -530,6 +573,13 @@ def main():
     def log(s):
         print(s, flush=True)
 
+    if args.stagewise:
+        log("| model | stage | GPUs: mesh:layout | step (s) | speed-up vs 1 GPU | peak GiB/GPU so far | planned GiB | "
+            "planned/peak |\n|---|---|---|---:|---:|---:|---:|---:|")
+        rows = run_stagewise(args.stagewise, args.stages.split(","), args.budget, log)
+        tag = "_".join(j.split(":")[0] + "-" + j.split(":")[1] for j in args.stagewise)
+        (out / f"mesh_stagewise_{tag}.json").write_text(json.dumps(rows, indent=1))
+        return
     if args.quick:
         (out / "mesh_perf_quick.json").write_text(json.dumps(run_quick(args.model, args.budget, log), indent=1))
         return

@@ -1,0 +1,65 @@
+"""Time a Colab notebook's code cells where no Jupyter kernel is installed (the lent GPU
+machine): every code cell runs in order in one namespace, as a kernel would run them;
+prints each cell's seconds and the total, and writes them as JSON.
+
+    CCA_NOTEBOOK_MODEL=/path/model.gguf python bench/run_notebook.py colab/quickstart.ipynb --out DIR
+
+Without IPython, ``IPython.display`` is replaced by a stand-in that prints what it would
+show (the image cells then only check that the files exist)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+
+def _display_stub() -> None:
+    try:
+        import IPython.display  # noqa: F401
+    except ImportError:
+        class Image:
+            def __init__(self, filename: str):
+                if not Path(filename).is_file():
+                    raise FileNotFoundError(filename)
+                self.filename = filename
+
+            def __repr__(self):
+                return f"<image {self.filename}>"
+
+        mod = types.ModuleType("IPython.display")
+        mod.Image, mod.display = Image, print
+        pkg = types.ModuleType("IPython")
+        pkg.display = mod
+        sys.modules.update({"IPython": pkg, "IPython.display": mod})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("notebook")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    nb = json.loads(Path(args.notebook).read_text())
+    _display_stub()
+    ns: dict = {"__name__": "__main__"}
+    cells, t0 = [], time.perf_counter()
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        src = "".join(cell["source"])
+        t = time.perf_counter()
+        exec(compile(src, f"{args.notebook}: code cell {i}", "exec"), ns)
+        cells.append({"cell": i, "first_line": src.splitlines()[0][:80] if src else "",
+                      "seconds": round(time.perf_counter() - t, 2)})
+        print(f"[cell {i}: {cells[-1]['seconds']:.1f} s] {cells[-1]['first_line']}", flush=True)
+    total = round(time.perf_counter() - t0, 1)
+    print(f"notebook {args.notebook}: {total} s over {len(cells)} code cells", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "notebook_times.json").write_text(json.dumps({"notebook": args.notebook, "total_s": total,
+                                                         "cells": cells}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
