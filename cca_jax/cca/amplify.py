@@ -87,14 +87,16 @@ def make_optimizer(config: AmplifyConfig, mask, params) -> circuit.CircuitOptimi
 split_params, merge_params = circuit.split_params, circuit.merge_params
 
 
-def _loss_sum(params, cfg, batch_tokens, batch_mask, desired, undesired, remat):
+def _loss_sum(params, cfg, batch_tokens, batch_mask, desired, undesired, remat, weights=None):
     B, T = batch_tokens.shape
     # only the 2B logits the loss reads (B, 2B) over [desired | undesired]: the rest of the
     # output matmul and its gradient (a read of the whole vocabulary each way) are skipped
     out = forward(cfg, params, batch_tokens, mask=batch_mask, at=jnp.full((B, 1), T - 1), remat=remat,
                   vocab=jnp.concatenate([desired, undesired]))
-    lg = out.logits[:, 0]
-    return -jnp.sum(logit_diffs(lg, jnp.arange(B), jnp.arange(B, 2 * B)))
+    diffs = logit_diffs(out.logits[:, 0], jnp.arange(B), jnp.arange(B, 2 * B))
+    if weights is not None:  # padded rows (weight 0, desired == undesired) add exactly 0, gradient too
+        diffs = weights.astype(diffs.dtype) * diffs
+    return -jnp.sum(diffs)
 
 
 def _per_layer(tree):
@@ -106,29 +108,33 @@ def _trained(train):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "remat", "unroll"))
-def grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False):
+def grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False, weights=None):
+    """(-sum over rows of the logit difference, its gradient); ``weights`` (B,): 0 on
+    padded rows (``examples.Batch``), None: every row is real."""
     params, selection = merge_params(train, frozen), _trained(train)
     if not unroll:
         return circuit.circuit_value_and_grad(_loss_sum, params, selection, cfg, tokens, mask, desired, undesired,
-                                              remat)
+                                              remat, weights)
     # layers unrolled: differentiate with respect to per-layer slices and stack their
     # gradients once, instead of XLA assembling each stacked gradient from padded slices
     n = cfg.num_layers
     loss, g = circuit.circuit_value_and_grad(_loss_sum, _per_layer(params),
                                              {**selection, "layers": (selection["layers"],) * n},
-                                             cfg, tokens, mask, desired, undesired, remat)
+                                             cfg, tokens, mask, desired, undesired, remat, weights)
     return loss, {**g, "layers": jax.tree.map(lambda *a: jnp.stack(a), *g["layers"])}
 
 
 def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n: int, remat: bool = False,
                     unroll: bool = False):
-    """(loss, grad) of -sum(logit diff)/N over all batches, accumulated in float32. The
-    batches are dispatched back to back; the loss is read once, at the end."""
+    """(loss, grad) of -sum(logit diff)/N over all batches, accumulated in float32; ``n``
+    the number of real examples (padded rows weigh 0). The batches are dispatched back to
+    back; the loss is read once, at the end."""
     losses, total = [], None
     for b in batches:
         # on a mesh, rows over the data axis of the weights' layout (cca_jax.mesh)
         loss, g = grad_sum(train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
-                                                  (b.tokens, b.mask, b.desired, b.undesired)), remat, unroll)
+                                                  (b.tokens, b.mask, b.desired, b.undesired)), remat, unroll,
+                           mesh_lib.rows(b.weights, frozen))
         total = _accumulate(total, g, 1.0 / n)
         losses.append(loss)
     return float(sum(timing.fetch(losses))) / n, total
@@ -180,7 +186,8 @@ class Amplifier:
         self.params = model.params()
         self.opt = make_optimizer(config, mask, self.params)
         self.frozen = split_params(self.params, self.opt.selection)[1]
-        self.batches = make_batches(examples, config.batch_size, seed=0, pad=pad_token_id)
+        # the last batch padded to the others' rows (weight 0): one compiled gradient program
+        self.batches = make_batches(examples, config.batch_size, seed=0, pad=pad_token_id, pad_rows=True)
         self._apply = step_fn(self.opt)
 
     def init(self):

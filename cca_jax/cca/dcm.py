@@ -84,18 +84,21 @@ def loss_full(cfg: ModelConfig, params, m: dict, batch: Batch, reg: float, mode:
                   at=jnp.full((B, 1), T - 1), intervention=_scale_iv(m, where),
                   final_softcap=(mode == "fixed"))
     lg = out.logits[:, 0]
-    return -logit_diff(lg, jnp.asarray(batch.desired), jnp.asarray(batch.undesired), mode) + reg * l1(m, mode)
+    return -logit_diff(lg, jnp.asarray(batch.desired), jnp.asarray(batch.undesired), mode,
+                       jnp.asarray(batch.weights)) + reg * l1(m, mode)
 
 
-def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, undesired, reg, mode):
-    """The same loss, running only the last position on top of the cached prefix."""
+def loss_cached(cfg: ModelConfig, params, m: dict, cache, last_tokens, desired, undesired, reg, mode,
+                weights=None):
+    """The same loss, running only the last position on top of the cached prefix.
+    ``weights`` (B,): 0 on padded rows (``examples.Batch``); None: every row is real."""
     B = last_tokens.shape[0]
     # only the 2B logits the loss reads: (B, 2B) over [desired | undesired] ids
     ids = jnp.concatenate([desired, undesired])
     out = forward(cfg, params, last_tokens[:, None], cache=cache, at=jnp.zeros((B, 1), jnp.int32),
                   intervention=_scale_iv(m, jnp.ones((B, 1), bool)), final_softcap=(mode == "fixed"), vocab=ids)
     lg = out.logits[:, 0]
-    return -logit_diff(lg, jnp.arange(B), jnp.arange(B, 2 * B), mode) + reg * l1(m, mode)
+    return -logit_diff(lg, jnp.arange(B), jnp.arange(B, 2 * B), mode, weights) + reg * l1(m, mode)
 
 
 def make_optimizer(config: DCMConfig, batches_per_epoch: int) -> optax.GradientTransformation:
@@ -113,14 +116,15 @@ def _adam(lr: float, transition_steps: int, decay_rate: float) -> optax.Gradient
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt", "mode"), donate_argnames=("m", "state"))
 def mask_step(cfg: ModelConfig, opt, reg: float, mode: str, params, m: dict, state, cache, last, desired,
-              undesired):
+              undesired, weights=None):
     """One DCM step on a cached batch: Adam on the mask, clamp to [0, 1]. Returns
-    (m, state, loss, kept). ``params`` is an argument, not a closure constant, so the
-    weights are never baked into the compiled program. ``m`` and ``state`` are donated
+    (m, state, loss, kept). ``weights`` (B,): 0 on padded rows, a traced argument so a
+    padded last batch runs the same program as the full ones. ``params`` is an argument,
+    not a closure constant, so the model weights are never baked into the compiled program. ``m`` and ``state`` are donated
     (do not use them after the call): the new ones then live where the old ones did, so
     a GPU replays the step's recorded command buffer with fewer addresses to update."""
     loss, g = jax.value_and_grad(loss_cached, argnums=2)(cfg, params, m, cache, last, desired, undesired,
-                                                          reg, mode)
+                                                          reg, mode, weights)
     upd, state = opt.update(g, state, m)
     m = optax.apply_updates(m, upd)
     m = jax.tree.map(lambda x: jnp.clip(x, 0.0, 1.0), m)
@@ -161,7 +165,7 @@ def prefix_caches(cfg, params, bs, on_host: bool = False):
 def cache_bytes(cfg: ModelConfig, examples: Sequence[LocalizationExample], batch_size: int, dtype) -> int:
     """Bytes of every DCM prefix cache together (all devices), before any is made."""
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize + 4
-    return sum(b.tokens.size for b in make_batches(examples, batch_size, 0, 0)) * per_token
+    return sum(b.tokens.size for b in make_batches(examples, batch_size, 0, 0, pad_rows=True)) * per_token
 
 
 def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig, pad_token_id: int = 0,
@@ -179,7 +183,8 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     # reference: a new shuffled loader every epoch (seed + epoch) regroups the examples
     # into new batches; fixed: batches drawn once, their order shuffled every epoch
     regroup = config.mode == "reference"
-    bs = make_batches(examples, config.batch_size, config.seed, pad_token_id)
+    # every batch padded to one row count (padded rows weigh 0): one compiled step and cache
+    bs = make_batches(examples, config.batch_size, config.seed, pad_token_id, pad_rows=True)
     caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
     params = mesh_lib.per_layer(model.params())  # per-layer buffers for the steps: see unstack_layers
     n_b = len(bs)
@@ -188,8 +193,8 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     state = opt.init(m)
     reg = jnp.float32(config.reg)
 
-    def step(m, state, cache, last, desired, undesired):
-        return mask_step(cfg, opt, reg, config.mode, params, m, state, cache, last, desired, undesired)
+    def step(m, state, cache, last, desired, undesired, weights):
+        return mask_step(cfg, opt, reg, config.mode, params, m, state, cache, last, desired, undesired, weights)
 
     total = components.total(cfg)
     patience = patience_for(n_b, config.early_stop)
@@ -206,7 +211,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
         if config.early_stop == "reference":
             same = 0
         if regroup and epoch > 0:
-            bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id)
+            bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id, pad_rows=True)
             caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
         order = list(range(n_b) if regroup else rng.permutation(n_b))
         ahead = mesh_lib.to_memory(caches[order[0]], "device") if caches_on_host else None
@@ -216,7 +221,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             if caches_on_host and i + 1 < len(order):  # the next batch's cache copies in during this step
                 ahead = mesh_lib.to_memory(caches[order[i + 1]], "device")
             m, state, loss, kept = step(m, state, cache, *(mesh_lib.rows(x, params) for x in
-                                                           (b.tokens[:, -1], b.desired, b.undesired)))
+                                                           (b.tokens[:, -1], b.desired, b.undesired, b.weights)))
             del cache
             loss, kept = timing.fetch((loss, kept))
             kept = int(kept)

@@ -31,30 +31,38 @@ def _last(tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _clean(cfg: ModelConfig, params, tokens, mask, desired, undesired):
+def _clean(cfg: ModelConfig, params, tokens, mask, desired, undesired, weights):
+    """(weighted sum of the logit differences, per component its weighted sum of
+    activations); ``weights`` 0 on padded rows, so they add nothing to either."""
     at, _ = _last(tokens)
     out = forward(cfg, params, tokens, mask=mask, at=at, collect=True)
     lg = out.logits[:, 0].astype(jnp.float32)
     rows = jnp.arange(tokens.shape[0])
-    acts = {k: out.activations[k][:, :, 0].astype(jnp.float32).sum(axis=1) for k in components.TYPES}
-    return jnp.sum(lg[rows, desired] - lg[rows, undesired]), acts
+    acts = {k: _row_sum(out.activations[k][:, :, 0].astype(jnp.float32), weights) for k in components.TYPES}
+    return jnp.sum(weights * (lg[rows, desired] - lg[rows, undesired])), acts
+
+
+def _row_sum(acts, weights):
+    """(layers, B, ...) -> (layers, ...): the sum over rows weighted by (B,) ``weights``."""
+    return (acts * weights.reshape((1, -1) + (1,) * (acts.ndim - 2))).sum(axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _ablated(cfg: ModelConfig, params, tokens, mask, desired, undesired, means, keep):
+def _ablated(cfg: ModelConfig, params, tokens, mask, desired, undesired, weights, means, keep):
     at, where = _last(tokens)
     iv = Intervention(where=where, replace=means, replace_mask={k: ~v for k, v in keep.items()})
     lg = forward(cfg, params, tokens, mask=mask, at=at, intervention=iv).logits[:, 0].astype(jnp.float32)
     rows = jnp.arange(tokens.shape[0])
-    return jnp.sum(lg[rows, desired] - lg[rows, undesired])
+    return jnp.sum(weights * (lg[rows, desired] - lg[rows, undesired]))
 
 
 def faithfulness(model, examples: Sequence[LocalizationExample], mask: dict, batch_size: int = 8,
                  pad_token_id: int = 0) -> dict:
     """{"ld_full", "ld_circuit", "ld_all_ablated", "fraction"} for ``mask`` on ``examples``."""
     cfg, params = model.config, model.params()
-    bs = make_batches(examples, batch_size, seed=0, pad=pad_token_id)
-    args = [tuple(jnp.asarray(x) for x in (b.tokens, b.mask, b.desired, b.undesired)) for b in bs]
+    # padded to one row count (weight 0 on the added rows): one program per function
+    bs = make_batches(examples, batch_size, seed=0, pad=pad_token_id, pad_rows=True)
+    args = [tuple(jnp.asarray(x) for x in (b.tokens, b.mask, b.desired, b.undesired, b.weights)) for b in bs]
     ld, sums = 0.0, None
     for a in args:
         s, acts = _clean(cfg, params, *a)
