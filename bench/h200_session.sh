@@ -57,17 +57,26 @@ wait_sbs() {
 }
 
 qwen10() {
-  rm -rf /tmp/q10
   local gpu=${1:-1}; shift || true
-  CUDA_VISIBLE_DEVICES=$gpu CCA_JAX_COMPILE_CACHE=${Q10_CACHE:-/tmp/cc_q10_$$} python3 -m cca_jax.cli run configs/qwen2.5-coder-0.5b.yaml --out /tmp/q10 \
-    --set model=$GGUF --set data.templates=.devdata/templates --quiet "$@" 2>&1 | tail -n 12
-  mkdir -p "$OUT/q10" && cp /tmp/q10/summary.json /tmp/q10/report.md "$OUT/q10/" 2>/dev/null
-  python3 - <<'EOF'
-import json
-s = json.load(open("/tmp/q10/summary.json"))
-for k, v in s["timings_seconds"].items():
-    print(f"{k:14s} {v}")
-EOF
+  local dir=${Q10_DIR:-/tmp/q10}
+  rm -rf "$dir"
+  local t0=$(date +%s)
+  CUDA_VISIBLE_DEVICES=$gpu CCA_JAX_COMPILE_CACHE=${Q10_CACHE:-$dir.cache} timeout "${Q10_LIMIT:-3000}" \
+    python3 -m cca_jax.cli run \
+    configs/qwen2.5-coder-0.5b.yaml --out "$dir" --set model=$GGUF --set data.templates=.devdata/templates \
+    --quiet "$@" 2>&1 | tail -n 12
+  echo "qwen10 $dir (GPU $gpu, XLA_FLAGS='${XLA_FLAGS:-}'): $(( $(date +%s) - t0 )) s wall"
+  local o="$OUT/$(basename "$dir")"
+  mkdir -p "$o" && cp "$dir/summary.json" "$dir/report.md" "$o/" 2>/dev/null
+  # every finished stage's split, also when the run was cut off
+  python3 - "$dir" <<'EOF2'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+for f in sorted(d.glob("stages/*/done.json"), key=lambda p: p.stat().st_mtime):
+    t = json.loads(f.read_text()).get("timing", {})
+    print(f"{f.parent.name:14s} " + " ".join(f"{k}={t.get(k)}" for k in ("total", "compile", "compiles", "device", "host")))
+EOF2
 }
 
 perf() {
@@ -84,8 +93,8 @@ mesh() {
 # s1: GPU 0 each stage of gemma-2-9b then OLMo-2-13B on one GPU; GPU 1 (background) the
 #     quickstart notebook on the real Qwen GGUF, then the one-GPU float32 Qwen run
 # s2: the same stages on both GPUs (mesh 1 x 2, layouts as a run picks them)
-# s3: the two-GPU Qwen run (compared with s1's), then the 10-template Qwen run (GPU 0)
-#     beside one seed of the issue-22 sweep (GPU 1)
+# s3: the two-GPU Qwen run (compared with s1's), then the 10-template Qwen run cold, with
+#     XLA's defaults (GPU 0) beside the same without autotuning (GPU 1)
 STAGES=dcm,generate,amplify
 s1() {
   prep || exit 2
@@ -96,8 +105,8 @@ s1() {
     QWEN_WHICH=one QWEN_GPU=1 QWEN_GGUF=$GGUF XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
       python3 bench/mesh_perf.py --only qwen --out /tmp/bg/qwen1 > /tmp/bg/qwen1.log 2>&1; echo q1-rc \$? >> /tmp/bg/status
   " > /dev/null 2>&1 < /dev/null &
-  python3 bench/mesh_perf.py --stagewise gemma-2-9b:1:0 --stages $STAGES --budget "${B1:-255}" --out "$OUT/mesh"
-  python3 bench/mesh_perf.py --stagewise olmo-2-13b:1:0 --stages $STAGES --budget "${B2:-255}" --out "$OUT/mesh"
+  python3 bench/mesh_perf.py --stagewise gemma-2-9b:1:0 --stages $STAGES --budget "${B1:-240}" --out "$OUT/mesh"
+  python3 bench/mesh_perf.py --stagewise olmo-2-13b:1:0 --stages $STAGES --budget "${B2:-240}" --out "$OUT/mesh"
   bg_report
 }
 bg_report() {
@@ -108,20 +117,19 @@ bg_report() {
   tail -c 300000 /tmp/bg/nb.log > "$OUT/bg/nb.log" 2>/dev/null; true
 }
 s2() {
-  python3 bench/mesh_perf.py --stagewise gemma-2-9b:1x2 --stages $STAGES --budget "${B1:-260}" --out "$OUT/mesh"
-  python3 bench/mesh_perf.py --stagewise olmo-2-13b:1x2 --stages $STAGES --budget "${B2:-260}" --out "$OUT/mesh"
+  python3 bench/mesh_perf.py --stagewise gemma-2-9b:1x2 --stages $STAGES --budget "${B1:-230}" --out "$OUT/mesh"
+  python3 bench/mesh_perf.py --stagewise olmo-2-13b:1x2 --stages $STAGES --budget "${B2:-230}" --out "$OUT/mesh"
   bg_report
 }
 s3() {
-  QWEN_WHICH=two QWEN_GGUF=$GGUF timeout "${B1:-200}" python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen2"
-  rm -rf /tmp/q10 /tmp/sw
-  CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 setsid nohup python3 -m cca_jax.cli sweep \
-    configs/qwen2.5-coder-0.5b.yaml --seeds 0 --vary localize=dcm,random --out /tmp/sw --quiet \
-    --set model=$GGUF --set data.templates=.devdata/templates --set dcm.target_fraction=0.02 \
-    > /tmp/bg/sweep.log 2>&1 < /dev/null &
-  timeout "${B2:-330}" bash "$0" qwen10 0
-  tail -n 15 /tmp/bg/sweep.log; ls /tmp/sw /tmp/sw/* 2>/dev/null | head -30
-  for f in /tmp/sw/*/summary.json; do [ -f "$f" ] && python3 -c "import json,sys; s=json.load(open('$f')); print('$f', {k: v.get('total') for k, v in s['timings_seconds'].items() if isinstance(v, dict)})"; done
+  QWEN_WHICH=two QWEN_GGUF=$GGUF timeout "${B1:-130}" python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen2"
+  # the 10-template run, cold (fresh compilation caches), twice side by side: XLA's
+  # defaults on GPU 0, no autotuning (--xla_gpu_autotune_level=0) on GPU 1
+  export Q10_LIMIT=${B2:-380}
+  (Q10_DIR=/tmp/q10b XLA_FLAGS=--xla_gpu_autotune_level=0 bash "$0" qwen10 1 > /tmp/bg/q10b.log 2>&1) &
+  Q10_DIR=/tmp/q10 bash "$0" qwen10 0
+  wait
+  echo "== no autotuning"; cat /tmp/bg/q10b.log
 }
 
 case "${1:-}" in

@@ -41,17 +41,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("notebook")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="record a failing cell and go on (e.g. treescope's show needs a kernel)")
     args = ap.parse_args()
     nb = json.loads(Path(args.notebook).read_text())
-    _display_stub()
     ns: dict = {"__name__": "__main__"}
     cells, t0 = [], time.perf_counter()
     for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
         src = "".join(cell["source"])
+        if "IPython.display" in src:  # only now: other libraries probe IPython at import
+            _display_stub()
         t = time.perf_counter()
-        exec(compile(src, f"{args.notebook}: code cell {i}", "exec"), ns)
+        error = None
+        try:
+            exec(compile(src, f"{args.notebook}: code cell {i}", "exec"), ns)
+        except Exception as err:
+            if not args.keep_going:
+                raise
+            error = f"{type(err).__name__}: {err}"[:300]
+            print(f"[cell {i} failed] {error}", flush=True)
         cells.append({"cell": i, "first_line": src.splitlines()[0][:80] if src else "",
-                      "seconds": round(time.perf_counter() - t, 2)})
+                      "seconds": round(time.perf_counter() - t, 2), **({"error": error} if error else {})})
         print(f"[cell {i}: {cells[-1]['seconds']:.1f} s] {cells[-1]['first_line']}", flush=True)
     total = round(time.perf_counter() - t0, 1)
     print(f"notebook {args.notebook}: {total} s over {len(cells)} code cells", flush=True)

@@ -148,7 +148,7 @@ def _ids(text: str | None, option: str = "--templates") -> list[int] | None:
 def cmd_eval(args) -> int:
     import time
 
-    from cca_jax import load_model
+    from cca_jax import load_model, precision
     from cca_jax.data import gsm_symbolic
     from cca_jax.errors import CCAError
     from cca_jax.evaluate import gsm
@@ -171,10 +171,11 @@ def cmd_eval(args) -> int:
         raise CCAError(f"{args.model}: no tokenizer found: evaluation needs one")
     model = _generation_layout(model, mesh_cfg)
     t0 = time.perf_counter()
-    acc, records = gsm.evaluate(model, tok, items, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, n_shots=args.shots,
-                                chat_template=args.chat_template, generation=generation.options(args.dtype),
-                                progress=_writer())
+    with precision.for_dtype(model.dtype):  # float32: full float32 matmuls on GPUs too
+        acc, records = gsm.evaluate(model, tok, items, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                                    batch_size=args.batch_size, n_shots=args.shots,
+                                    chat_template=args.chat_template, generation=generation.options(args.dtype),
+                                    progress=_writer())
     meta = {"model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
             "mode": args.mode, "max_new_tokens": args.max_new_tokens, "shots": args.shots,
             "chat_template": args.chat_template, "seconds": round(time.perf_counter() - t0, 2)}
@@ -288,7 +289,7 @@ def cmd_circuit_compare(args) -> int:
 def cmd_bench_tasks(args) -> int:
     import time
 
-    from cca_jax import atomic, load_model
+    from cca_jax import atomic, load_model, precision
     from cca_jax.errors import CCAError
     from cca_jax.evaluate import tasks
     from cca_jax.paths import check_output_file
@@ -307,9 +308,10 @@ def cmd_bench_tasks(args) -> int:
     if tok is None:
         raise CCAError(f"{args.model}: no tokenizer found; pass --tokenizer char for random test models")
     t0 = time.perf_counter()
-    res = tasks.run_tasks(model, tok, data["tasks"], batch_size=args.batch_size, data=data,
-                          progress=not args.quiet and _writer(), gsm8k_max_new_tokens=args.max_new_tokens,
-                          generation=generation.options(args.dtype))
+    with precision.for_dtype(model.dtype):
+        res = tasks.run_tasks(model, tok, data["tasks"], batch_size=args.batch_size, data=data,
+                              progress=not args.quiet and _writer(), gsm8k_max_new_tokens=args.max_new_tokens,
+                              generation=generation.options(args.dtype))
     meta = {"model": args.model, "dtype": str(model.dtype), "data_dir": data["data_dir"], "limit": args.limit,
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 2)}
     out = atomic.write_json(args.out, tasks.finite_or_null({**meta, "tasks": res}))  # JSON has no NaN

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from cca_jax import atomic, stages, timing, train_loop
+from cca_jax import atomic, precision, stages, timing, train_loop
 from cca_jax import mesh as mesh_lib
 from cca_jax.cca import components
 from cca_jax.data import answers, gsm_symbolic
@@ -150,7 +150,11 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     r = _Run(config, run_dir, stages.Stages(run_dir, log), model, tok, splits,
              {"model": stages.model_identity(source), "dtype": config.dtype, "tokenizer": config.tokenizer},
              data_key, progress, log, timings)
+    with precision.for_dtype(model.dtype):  # float32 runs: full float32 matmuls on GPUs too
+        return _stages(r, config, on_step)
 
+
+def _stages(r: "_Run", config: RunConfig, on_step) -> dict:
     base_key, base = _base_eval(r)
     selected = _select_templates(r, base)
     if config.method == "cca":
@@ -180,12 +184,12 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
         "test_accuracy_selected_templates": {"before": _mean_over(test_before.per_template, selected),
                                              "after": _mean_over(test_after.per_template, selected)},
         # per stage: total, compile (with the number of XLA compiles), device, host
-        "timings_seconds": dict(timings),
+        "timings_seconds": dict(r.timings),
     }
     if export_dir is not None and config.method != "cca":
         summary["export_dir"] = export_dir
     _add_side_effects(r, summary, trained.params, test_key)
-    return _write_summary(summary, run_dir, log)
+    return _write_summary(summary, r.dir, r.log)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
