@@ -194,6 +194,13 @@ def _stages(r: "_Run", config: RunConfig, on_step) -> dict:
 
 # -- inputs ---------------------------------------------------------------------------------------
 
+def load(config: RunConfig):
+    """(model, tokenizer) as a run of ``config`` loads them: to run several configs of one
+    model (a sweep) on one load, pass them to ``run``."""
+    model, tok, _ = _load(config, None, None)
+    return model, tok
+
+
 def _load(config: RunConfig, model, tok):
     """(model, tokenizer, the source its identity is read from)."""
     from cca_jax import load_model

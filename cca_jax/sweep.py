@@ -41,11 +41,19 @@ def parse_vary(items: Sequence[str]) -> dict[str, list]:
     return out
 
 
-def combinations(vary: dict[str, list]) -> list[dict]:
-    """Every combination; DCM circuits before random ones (those may take their size)."""
+def combinations(vary: dict[str, list], base_method: str = "cca") -> list[dict]:
+    """Every combination; DCM circuits before random ones (those may take their size). A
+    fine-tuning method (``method`` other than cca, varied or the config's) finds no
+    circuit: it runs once, not once per ``localize`` value."""
     keys = list(vary)
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(vary[k] for k in keys))] or [{}]
-    return sorted(combos, key=lambda c: c.get("localize") == "random")
+    combos: list[dict] = []
+    for vals in itertools.product(*(vary[k] for k in keys)):
+        combo = dict(zip(keys, vals))
+        if "localize" in combo and combo.get("method", base_method) != "cca":
+            del combo["localize"]
+        if combo not in combos:
+            combos.append(combo)
+    return sorted(combos or [{}], key=lambda c: c.get("localize") == "random")
 
 
 def label(combo: dict) -> str:
@@ -58,7 +66,7 @@ def _dir_name(combo: dict) -> str:
 
 def plan(config: str, seeds: Sequence[int], vary: dict[str, list], overrides: Sequence[str], out: Path) -> list:
     """[(label, seed, run_dir, overrides)], every config checked before any run starts."""
-    combos, runs = combinations(vary), []
+    combos, runs = combinations(vary, runconfig.load(config, list(overrides)).method), []
     for seed in seeds:
         for combo in combos:
             ov = list(overrides) + [f"{f}={seed}" for f in SEED_FIELDS] + [f"{k}={v}" for k, v in combo.items()]
@@ -85,12 +93,22 @@ def run(config: str, seeds: Sequence[int], vary: dict[str, list], out: str | Pat
     out = paths.check_run_dir(Path(out), "--out")
     runs = plan(config, seeds, vary, overrides, out)
     log(f"sweep: {len(runs)} runs ({len(seeds)} seeds x {len(runs) // max(len(seeds), 1)} variants) into {out}")
+    from cca_jax import preflight
+
     done: dict[int, Path] = {}
+    loaded: dict = {}  # the model is loaded once for every run that reads it the same way
     for i, (name, seed, run_dir, ov) in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {name}, seed {seed}: {run_dir}")
+        cfg = runconfig.load(config, ov)
+        key = (cfg.model, cfg.dtype, cfg.attention, cfg.tokenizer, cfg.mesh)
+        if key not in loaded:
+            preflight.check(cfg, run_dir)  # data, extras, output dir: before the model loads
+            loaded.clear()  # one model in memory at a time
+            loaded[key] = pipeline.load(cfg)
         if seed in done:
             _copy_shared(done[seed], run_dir)
-        pipeline.run(runconfig.load(config, ov), run_dir, progress=progress, log=log)
+        model, tok = loaded[key]
+        pipeline.run(cfg, run_dir, model=model, tokenizer=tok, progress=progress, log=log)
         done.setdefault(seed, run_dir)
     return write_aggregate(out, [(name, seed, run_dir) for name, seed, run_dir, _ in runs])
 

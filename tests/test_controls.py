@@ -97,12 +97,18 @@ def test_random_circuit_config_errors(capsys):
     assert "random.fraction" in capsys.readouterr().err
 
 
-def test_sweep_two_seeds_two_methods_writes_the_aggregate(tmp_path, capsys):
+def test_sweep_two_seeds_two_methods_writes_the_aggregate(tmp_path, capsys, monkeypatch):
+    import cca_jax
+
+    loads = []
+    real_load = cca_jax.load_model
+    monkeypatch.setattr(cca_jax, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     out = tmp_path / "sweep"
     args = ["sweep", str(CONFIG), "--seeds", "0,1", "--vary", "localize=dcm,random", "--out", str(out), "--quiet"]
     for o in FAST:
         args += ["--set", o]
     assert cli.main(args) == 0
+    assert len(loads) == 1  # four runs, one model load
     agg = json.loads((out / "sweep.json").read_text())
     assert set(agg["variants"]) == {"localize=dcm", "localize=random"}
     for v in agg["variants"].values():
@@ -128,6 +134,27 @@ def test_sweep_two_seeds_two_methods_writes_the_aggregate(tmp_path, capsys):
     (p,) = cmp["paired"]
     assert p["n_items"] > 0 and "mcnemar" in p
     assert "Paired on the same test items" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_sweep_plans_full_finetuning_once_beside_dcm_and_random_circuits(tmp_path):
+    """Issue 22's runs in one sweep: DCM, a random circuit of its size, and full fine-tuning,
+    which finds no circuit and so runs once per seed, not once per localizer."""
+    from cca_jax import sweep
+
+    out = tmp_path / "sweep"
+    runs = sweep.plan(str(CONFIG), [0, 1], sweep.parse_vary(["localize=dcm,random", "method=cca,sft_full"]),
+                      [], out)
+    assert [(name, seed) for name, seed, _, _ in runs] == [
+        (v, s) for s in (0, 1) for v in ("localize=dcm,method=cca", "method=sft_full", "localize=random,method=cca")]
+    for name, seed, run_dir, ov in runs:
+        assert run_dir == out / name / f"seed{seed}"
+        if name.startswith("localize=random"):  # its size: the cca DCM run of the same seed
+            assert f"random.like={out / 'localize=dcm,method=cca' / f'seed{seed}'}" in ov
+        if name == "method=sft_full":
+            assert not any(o.startswith("localize=") for o in ov)
+    # a config whose own method is fine-tuning: varying the localizer alone runs it once
+    single = sweep.plan(str(CONFIG), [0], sweep.parse_vary(["localize=dcm,random"]), ["method=sft_full"], out)
+    assert [name for name, _, _, _ in single] == ["base"]
 
 
 def test_faithfulness_of_full_empty_and_real_circuits(dcm_run):
