@@ -63,18 +63,18 @@ def faithfulness(model, examples: Sequence[LocalizationExample], mask: dict, bat
     # padded to one row count (weight 0 on the added rows): one program per function
     bs = make_batches(examples, batch_size, seed=0, pad=pad_token_id, pad_rows=True)
     args = [tuple(jnp.asarray(x) for x in (b.tokens, b.mask, b.desired, b.undesired, b.weights)) for b in bs]
-    ld, sums = 0.0, None
-    for a in args:
-        s, acts = _clean(cfg, params, *a)
-        ld += s
-        sums = acts if sums is None else jax.tree.map(jnp.add, sums, acts)
+    # the batches' sums add up on the host (float32, in batch order, as on the device):
+    # small eager device ops would each compile a program of their own
+    clean = timing.fetch([_clean(cfg, params, *a) for a in args])
     n = len(examples)
-    means = {k: (v / n).astype(model.dtype) for k, v in sums.items()}
-    keep = {k: jnp.asarray(np.asarray(mask[k]).astype(bool)) for k in components.TYPES}
-    none = {k: jnp.zeros_like(v) for k, v in keep.items()}
-    ld_c = sum(_ablated(cfg, params, *a, means, keep) for a in args)
-    ld_0 = sum(_ablated(cfg, params, *a, means, none) for a in args)
-    ld_full, ld_c, ld_0 = (float(x) / n for x in timing.fetch((ld, ld_c, ld_0)))
+    sums = {k: functools.reduce(np.add, (acts[k] for _, acts in clean)) for k in components.TYPES}
+    means = {k: jnp.asarray((v / np.float32(n)).astype(model.dtype)) for k, v in sums.items()}
+    keep = {k: np.asarray(mask[k]).astype(bool) for k in components.TYPES}
+    none = {k: np.zeros_like(v) for k, v in keep.items()}
+    ld_c, ld_0 = timing.fetch(([_ablated(cfg, params, *a, means, keep) for a in args],
+                               [_ablated(cfg, params, *a, means, none) for a in args]))
+    ld_full, ld_c, ld_0 = (float(np.sum(np.asarray(x, np.float32))) / n
+                           for x in ([s for s, _ in clean], ld_c, ld_0))
     return {"ld_full": ld_full, "ld_circuit": ld_c, "ld_all_ablated": ld_0,
             "fraction": ld_c / ld_full if ld_full != 0 else None, "examples": n,
             "ablation": "mean over the examples, at the pivotal position"}
