@@ -140,7 +140,7 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     timing.enable_cache(timing.cache_dir(config.compile_cache))
     timings: dict[str, dict] = {}
-    with timing.account() as acc:
+    with timing.account() as acc, precision.for_dtype(config.dtype):  # as the stages below
         model, tok, source = _load(config, model, tok)
         if mesh_lib.mesh_of(model.params()) is not None:
             m = mesh_lib.mesh_of(model.params())

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 
 def for_dtype(dtype):
     """A context for computing with a model of ``dtype``: ``jax.default_matmul_precision
-    ("highest")`` for float32 when no precision is set, else nothing. JAX keys its compiled
-    programs on this setting, so programs traced inside and outside never mix."""
+    ("highest")`` for float32 when no precision is set, else nothing ("auto": nothing).
+    JAX keys its compiled programs on this setting, so programs traced inside and outside
+    never mix (and a program used on both sides compiles twice)."""
+    if isinstance(dtype, str) and dtype == "auto":  # not known before the model loads
+        return contextlib.nullcontext()
     if jnp.dtype(dtype) != jnp.float32 or jax.config.jax_default_matmul_precision is not None:
         return contextlib.nullcontext()
     return jax.default_matmul_precision("highest")
