@@ -26,7 +26,7 @@ def test_float32_traces_highest_and_other_dtypes_keep_the_default():
     with precision.for_dtype(jnp.float32):
         assert jax.config.jax_default_matmul_precision == "highest"
         assert "HIGHEST" in _dot_text()  # the lowered dot asks for full precision
-    for dt in (jnp.bfloat16, jnp.float16, "bfloat16"):
+    for dt in (jnp.bfloat16, jnp.float16, "bfloat16", "auto"):  # auto: the dtype is not known yet
         with precision.for_dtype(dt):
             assert jax.config.jax_default_matmul_precision is None
     assert jax.config.jax_default_matmul_precision is None  # restored
