@@ -133,8 +133,10 @@ s3() {
 }
 
 # issue 22's runs: 3 seeds x (a DCM circuit of 1.5% +-20% (<= 2%), a random circuit of its size, full
-# fine-tuning) on the 10 templates, resumable across device sessions: the sweep folder
-# (checkpoints left out) comes back as $OUT/controls.tgz; carry it back as .devdata/controls.tgz
+# fine-tuning) on the 10 templates. Calls back to back on one machine resume in /tmp; across
+# device sessions the sweep folder comes back as $OUT/controls.tgz (carry it back as
+# .devdata/controls.tgz): checkpoints are left out (0.5 GB each), so a finished run's
+# amplification or fine-tuning stage runs again there (its other stages are reused)
 controls() {
   local sw=/tmp/controls
   if [ ! -d $sw ] && [ -f .devdata/controls.tgz ]; then mkdir -p $sw && tar -xzf .devdata/controls.tgz -C $sw; fi
