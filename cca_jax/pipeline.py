@@ -438,6 +438,7 @@ def _train(r: _Run, name: str, key: str, trainer, base, on_step) -> train_loop.L
         split = acc.to_json()
         if res.seconds > acc.wall + 0.5:  # resumed: earlier processes ran the first steps
             split["earlier_runs"] = round(res.seconds - acc.wall, 3)
+        split["loop"] = res.parts  # this process's seconds in steps, val evaluations, checkpoints
         r.stages.finish(name, key, res.seconds, timing=split)
         mesh_lib.sync(f"cca_jax stage {name}")
     r.timings[name] = r.stages.timing(name)

@@ -148,6 +148,11 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
         lines += [f"| {k} | {_total(v):.1f} | " + (f"{v['compile']:.1f} ({v['compiles']}) | {v['device']:.1f} | "
                                                    f"{v['host']:.1f} |" if "compile" in v else "| | |")
                   for k, v in ((k, _split(v)) for k, v in t.items())]
+        for k, v in t.items():  # the training loop's own split (this process's part of it)
+            loop = v.get("loop") if isinstance(v, dict) else None
+            if loop:
+                lines += ["", f"{k}: steps {loop['steps']:.1f} s, val evaluations {loop['val_eval']:.1f} s, "
+                              f"checkpoints {loop['checkpoints']:.1f} s"]
     for f in files or []:
         rel = Path(f).relative_to(run_dir) if Path(f).is_relative_to(run_dir) else Path(f)
         lines += ["", f"![{rel.stem}]({rel.as_posix()})"]

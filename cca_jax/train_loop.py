@@ -57,6 +57,9 @@ class LoopResult:
     best_val: float | None  # None without evaluation
     history: list  # [{"step", "loss"?, "val_accuracy"?, ...}], step 0 first
     seconds: float
+    # this call's wall seconds in the training steps, the val evaluations and the checkpoint
+    # commits (each including the device work it waited for): where a stage's time goes
+    parts: dict = dataclasses.field(default_factory=dict)
 
 
 _CKPT = re.compile(r"^ckpt-\d{6}$")
@@ -172,23 +175,30 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
         from tqdm.auto import tqdm
 
         bar = tqdm(total=trainer.steps, initial=step, desc=trainer.name, unit="step")
+    parts = {"steps": 0.0, "val_eval": 0.0, "checkpoints": 0.0}
     while step < trainer.steps:
+        t = time.perf_counter()
         master, opt_state, rec = trainer.step(master, opt_state, step)
+        parts["steps"] += time.perf_counter() - t
         step += 1
         rec = {"step": step, **rec}
         if trainer.is_eval_step(step) or step == trainer.steps:
             if evaluate is None:  # no selection: the last step is the result
                 new_best = step == trainer.steps
             else:
+                t = time.perf_counter()
                 rec["val_accuracy"] = float(evaluate(trainer.working_params(master), step))
+                parts["val_eval"] += time.perf_counter() - t
                 new_best = rec["val_accuracy"] > state["best_val"]
             history.append(rec)
             if new_best:
                 state["best_step"], state["best_val"] = step, rec.get("val_accuracy", state["best_val"])
+            t = time.perf_counter()
             state = ckpt.commit(step, master, opt_state, {
                 "history": history, "best_step": state["best_step"], "best_val": state["best_val"],
                 "best": "this" if new_best else state["best"],
                 "seconds": float(state["seconds"]) + time.perf_counter() - t_start})
+            parts["checkpoints"] += time.perf_counter() - t
             t_start = time.perf_counter()
         else:
             history.append(rec)
@@ -214,4 +224,5 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
         return train_and_select(trainer, evaluate, val0, ckpt, progress=progress, on_step=on_step, log=log,
                                 _retry=True)
     return LoopResult(best, int(state["best_step"]), state["best_val"], history,
-                      float(state["seconds"]) + time.perf_counter() - t_start)
+                      float(state["seconds"]) + time.perf_counter() - t_start,
+                      {k: round(v, 3) for k, v in parts.items()})

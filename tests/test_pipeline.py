@@ -216,3 +216,9 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
     assert sum(v["compiles"] for v in warm.values()) == 0, warm
     assert sum(v["cache_hits"] for v in warm.values()) >= sum(v["compiles"] for v in cold.values()) // 2
     assert (tmp_path / "cold" / "report.md").read_text().count("| base_eval |") == 1
+    # amplification's own split: the steps, the val evaluation at step 2, the checkpoint
+    for t in (cold, warm):
+        loop = t["amplify"]["loop"]
+        assert set(loop) == {"steps", "val_eval", "checkpoints"} and min(loop.values()) > 0
+        assert sum(loop.values()) <= t["amplify"]["total"] + 0.01
+    assert "amplify: steps " in (tmp_path / "cold" / "report.md").read_text()
