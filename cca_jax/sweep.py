@@ -88,13 +88,11 @@ def _needs_like(combo: dict, overrides: list[str]) -> bool:
 
 def run(config: str, seeds: Sequence[int], vary: dict[str, list], out: str | Path, overrides: Sequence[str] = (),
         progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    from cca_jax import paths, pipeline
+    from cca_jax import paths, pipeline, preflight
 
     out = paths.check_run_dir(Path(out), "--out")
     runs = plan(config, seeds, vary, overrides, out)
     log(f"sweep: {len(runs)} runs ({len(seeds)} seeds x {len(runs) // max(len(seeds), 1)} variants) into {out}")
-    from cca_jax import preflight
-
     done: dict[int, Path] = {}
     loaded: dict = {}  # the model is loaded once for every run that reads it the same way
     for i, (name, seed, run_dir, ov) in enumerate(runs, 1):

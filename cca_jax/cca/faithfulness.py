@@ -69,8 +69,9 @@ def faithfulness(model, examples: Sequence[LocalizationExample], mask: dict, bat
     n = len(examples)
     sums = {k: functools.reduce(np.add, (acts[k] for _, acts in clean)) for k in components.TYPES}
     means = {k: jnp.asarray((v / np.float32(n)).astype(model.dtype)) for k, v in sums.items()}
-    keep = {k: np.asarray(mask[k]).astype(bool) for k in components.TYPES}
-    none = {k: np.zeros_like(v) for k, v in keep.items()}
+    # on the device once (a transfer, no program), not again with every batch's call
+    keep = jax.device_put({k: np.asarray(mask[k]).astype(bool) for k in components.TYPES})
+    none = jax.device_put({k: np.zeros(v.shape, bool) for k, v in keep.items()})
     ld_c, ld_0 = timing.fetch(([_ablated(cfg, params, *a, means, keep) for a in args],
                                [_ablated(cfg, params, *a, means, none) for a in args]))
     ld_full, ld_c, ld_0 = (float(np.sum(np.asarray(x, np.float32))) / n
