@@ -34,9 +34,9 @@ def parse_vary(items: Sequence[str]) -> dict[str, list]:
     """``key=v1,v2`` (repeatable) -> {key: [v1, v2]} (values parsed as YAML)."""
     out = {}
     for item in items:
-        if "=" not in item or not item.split("=", 1)[1]:
+        key, _, values = item.partition("=")
+        if not key.strip() or any(not v.strip() for v in values.split(",")):  # also no "=" at all
             raise CCAError(f"--vary takes key=value1,value2,..., got {item!r}")
-        key, values = item.split("=", 1)
         out[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
     return out
 

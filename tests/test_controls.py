@@ -10,6 +10,7 @@ from scipy import stats
 
 from cca_jax import cli, pipeline, runconfig
 from cca_jax.cca import components
+from cca_jax.errors import CCAError
 from cca_jax.evaluate import paired
 from tiny import CONFIG
 
@@ -152,6 +153,9 @@ def test_sweep_plans_full_finetuning_once_beside_dcm_and_random_circuits(tmp_pat
             assert f"random.like={out / 'localize=dcm,method=cca' / f'seed{seed}'}" in ov
         if name == "method=sft_full":
             assert not any(o.startswith("localize=") for o in ov)
+    for bad in ("localize", "localize=", "=dcm,random", "localize=dcm,", "localize=,random"):
+        with pytest.raises(CCAError, match="--vary takes key=value1,value2"):
+            sweep.parse_vary([bad])
     # a config whose own method is fine-tuning: varying the localizer alone runs it once
     single = sweep.plan(str(CONFIG), [0], sweep.parse_vary(["localize=dcm,random"]), ["method=sft_full"], out)
     assert [name for name, _, _, _ in single] == ["base"]
