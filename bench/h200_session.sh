@@ -146,6 +146,53 @@ controls() {
   tar --exclude='ckpt-*' -czf "$OUT/controls.tgz" -C $sw . && ls -la "$OUT/controls.tgz"
 }
 
+# ---- ninth session (issues 20, 22): everything at once on nvidia-h200-x2. c9start returns
+# at once; c9wait [S] waits up to S seconds, then reports and packs what has finished.
+#   GPU 0: issue 22's controls, seeds 0 and 2 (one sweep process per seed, same --out)
+#   GPU 1: seed 1, and seed 0's circuit-size curve (dcm.target_fraction 0.005, 0.03, 0.06;
+#          the 0.015 point is the controls' DCM run)
+#   issue 20: the float32 Qwen demo run on GPU 1 and on both GPUs (tp=2), then compared
+Q="configs/qwen2.5-coder-0.5b.yaml --quiet --set model=$GGUF --set data.templates=.devdata/templates"
+bgrun() {  # NAME GPU(S) COMMAND...: in the background, detached, log in /tmp/bg/NAME.log
+  local name=$1 gpus=$2; shift 2
+  setsid nohup env CUDA_VISIBLE_DEVICES=$gpus XLA_PYTHON_CLIENT_MEM_FRACTION=${MEMF:-0.18} bash -c \
+    "$* > /tmp/bg/$name.log 2>&1; echo $name rc \$? >> /tmp/bg/status" > /dev/null 2>&1 < /dev/null &
+}
+c9start() {
+  prep || exit 2
+  mkdir -p /tmp/bg && : > /tmp/bg/status
+  local ctl="python3 -m cca_jax.cli sweep $Q --vary localize=dcm,random --vary method=cca,sft_full \
+    --set dcm.target_fraction=0.015 --out /tmp/controls"
+  bgrun c0 0 "$ctl --seeds 0"
+  bgrun c1 1 "$ctl --seeds 1"
+  bgrun c2 0 "$ctl --seeds 2"
+  bgrun size 1 "python3 -m cca_jax.cli sweep $Q --seeds 0 --vary dcm.target_fraction=0.005,0.03,0.06 --out /tmp/sizecurve"
+  bgrun q1 1 "QWEN_WHICH=one QWEN_GPU=0 QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q1"
+  bgrun q2 0,1 "QWEN_WHICH=two QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q2"
+  sleep 60; c9report
+}
+c9report() {
+  echo "== finished: $(tr '\n' ' ' < /tmp/bg/status)"
+  for f in /tmp/bg/*.log; do echo "-- $f"; grep -v "^\s*$" "$f" | tail -n 4 | cut -c1-300; done
+  ls -d /tmp/controls/*/seed*/summary.json /tmp/sizecurve/*/seed*/summary.json 2>/dev/null
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+}
+c9wait() {
+  local limit=${1:-540} t=0
+  while [ $t -lt "$limit" ] && [ "$(wc -l < /tmp/bg/status)" -lt 6 ]; do sleep 10; t=$((t + 10)); done
+  c9report
+  if grep -q "q1 rc 0" /tmp/bg/status && grep -q "q2 rc 0" /tmp/bg/status; then
+    QWEN_WHICH=none QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen" 2>&1 | tail -n 3
+    for n in one two; do mkdir -p "$OUT/qwen_$n" && cp /tmp/mesh_perf_qwen/qwen_$n/summary.json "$OUT/qwen_$n/"; done
+  fi
+  python3 -m cca_jax.cli sweep $Q --seeds 0,1,2 --vary localize=dcm,random --vary method=cca,sft_full \
+    --set dcm.target_fraction=0.015 --out /tmp/controls --aggregate-only 2>&1 | tail -n 20
+  python3 -m cca_jax.cli sweep $Q --seeds 0 --vary dcm.target_fraction=0.005,0.03,0.06 --out /tmp/sizecurve \
+    --aggregate-only 2>&1 | tail -n 8
+  tar --exclude='ckpt-*' --exclude='amplified' --exclude='finetuned' -czf "$OUT/controls.tgz" -C /tmp controls sizecurve bg \
+    && ls -la "$OUT/controls.tgz"
+}
+
 case "${1:-}" in
   prep) prep ;;
   sbs) sbs ;;
@@ -157,5 +204,7 @@ case "${1:-}" in
   s2) s2 ;;
   s3) s3 ;;
   controls) shift; controls "$@" ;;
+  c9start) c9start ;;
+  c9wait) c9wait "${2:-540}" ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -244,7 +244,10 @@ def cmd_sweep(args) -> int:
 
         raise CCAError(f"--seeds takes comma-separated seeds >= 0, got {args.seeds!r}")
     runconfig.load(args.config, args.set)  # the base config, checked first
-    agg = sweep.run(args.config, seeds, sweep.parse_vary(args.vary), args.out, args.set, progress=not args.quiet)
+    if args.aggregate_only:
+        agg = sweep.aggregate_only(args.config, seeds, sweep.parse_vary(args.vary), args.out, args.set)
+    else:
+        agg = sweep.run(args.config, seeds, sweep.parse_vary(args.vary), args.out, args.set, progress=not args.quiet)
     print(sweep.markdown(agg))
     print(f"wrote {args.out}/sweep.md, sweep.json, sweep.png")
     return 0
@@ -525,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--out", default="runs/sweep", help="sweep directory: one run directory per variant and seed")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--aggregate-only", action="store_true",
+                   help="only write the aggregate of the finished runs (e.g. after the seeds ran as separate "
+                        "processes, one per GPU, into the same --out); loads no model")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("run", help="run CCA end to end from a YAML config (resumes if interrupted)")

@@ -111,6 +111,20 @@ def run(config: str, seeds: Sequence[int], vary: dict[str, list], out: str | Pat
     return write_aggregate(out, [(name, seed, run_dir) for name, seed, run_dir, _ in runs])
 
 
+def aggregate_only(config: str, seeds: Sequence[int], vary: dict[str, list], out: str | Path,
+                   overrides: Sequence[str] = ()) -> dict:
+    """The aggregate of a sweep's finished runs, without loading the model: e.g. after its
+    seeds ran as separate processes (one per GPU) into the same ``--out``."""
+    out = Path(out)
+    runs = plan(config, seeds, vary, overrides, out)
+    missing = [f"{name} seed {seed}" for name, seed, run_dir, _ in runs if not (run_dir / "summary.json").is_file()]
+    if missing:
+        raise CCAError(f"--aggregate-only: {len(missing)} of {len(runs)} runs in {out} are not finished "
+                       f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): run the sweep without "
+                       f"--aggregate-only to finish them")
+    return write_aggregate(out, [(name, seed, run_dir) for name, seed, run_dir, _ in runs])
+
+
 def _copy_shared(src: Path, dst: Path) -> None:
     """Finished stages of a sibling run with the same seed (their keys decide reuse)."""
     for name in SHARED_STAGES:

@@ -128,6 +128,14 @@ def test_sweep_two_seeds_two_methods_writes_the_aggregate(tmp_path, capsys, monk
     assert (out / "sweep.md").read_text().count("| localize=") >= 3
     assert (out / "sweep.png").stat().st_size > 1000
     assert "Paired comparisons" in capsys.readouterr().out
+    # the same aggregate from the finished runs alone (seeds run as separate processes), no model loaded
+    first = (out / "sweep.json").read_text()
+    (out / "sweep.json").unlink()
+    assert cli.main(args + ["--aggregate-only"]) == 0
+    assert len(loads) == 1 and json.loads((out / "sweep.json").read_text()) == json.loads(first)
+    assert cli.main([a if a != "0,1" else "0,1,2" for a in args] + ["--aggregate-only"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 6 runs" in err and "seed 2" in err and len(err.strip().splitlines()) == 1
     # compare shows the paired statistics of runs sharing test items
     runs = [str(out / "localize=dcm" / "seed0"), str(out / "localize=random" / "seed0")]
     assert cli.main(["compare", *runs, "--out", str(tmp_path / "cmp")]) == 0
