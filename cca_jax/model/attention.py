@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cca_jax import precision
 from cca_jax.config import Tuning
 from cca_jax.model.layers import softcap
 
@@ -54,11 +55,14 @@ def attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding):
     after them) means no gradient flows into the cache and a scan would carry no copy of
     it. qg (B,T,KV,G,Dh); k, v (B,T,KV,Dh); kc, vc (B,KV,S,Dh) -> (B,T,KV,G,Dh)."""
     f32 = jnp.float32
+    # the dots read keys in qg's dtype and probabilities in vc's; their precision is that
+    # of the model's dtype, not of the CPU's upcast operands below
+    prec_s, prec_v = precision.of(qg), precision.of(vc)
     if jax.default_backend() == "cpu" and kc.dtype != f32:
         # XLA's CPU runtime has no bf16 x bf16 -> f32 dot for this layout (DotThunk):
         # there the operands are upcast; accelerators read them as stored
         qg, kc, vc = qg.astype(f32), kc.astype(f32), vc.astype(f32)
-    s_c = jnp.einsum("btkgd,bksd->bkgts", qg, kc.astype(qg.dtype), preferred_element_type=f32)
+    s_c = jnp.einsum("btkgd,bksd->bkgts", qg, kc.astype(qg.dtype), preferred_element_type=f32, precision=prec_s)
     # the new tokens' own scores and values as multiply-and-reduce (a few elements): as
     # matmuls XLA merges them with the cached ones by concatenating keys/values to the
     # cache, a copy of the whole layer cache per call (measured: a quarter of a decode step)
@@ -66,7 +70,7 @@ def attend_cached(cfg, qg, k, v, kc, vc, q_pos, kpos_old, kpos_new, sliding):
                   * k.astype(f32).transpose(0, 2, 1, 3)[:, :, None, None, :, :], axis=-1)  # (B, KV, G, T, T)
     p_c, p_n = _softmax_two(s_c, scores_mask(q_pos, kpos_old, sliding, cfg),
                             s_n, scores_mask(q_pos, kpos_new, sliding, cfg), cfg)
-    out_c = jnp.einsum("bkgts,bksd->btkgd", p_c.astype(vc.dtype), vc, preferred_element_type=f32)
+    out_c = jnp.einsum("bkgts,bksd->btkgd", p_c.astype(vc.dtype), vc, preferred_element_type=f32, precision=prec_v)
     out_n = jnp.sum(p_n.transpose(0, 3, 1, 2, 4)[..., None]
                     * v.astype(f32).transpose(0, 2, 1, 3)[:, None, :, None, :, :], axis=-2)  # (B, T, KV, G, Dh)
     return (out_c + out_n).astype(v.dtype)  # (B, T, KV, G, Dh)
@@ -92,9 +96,10 @@ def heads_major(qg, k, v):
 def attend_buffer(cfg, qh, kc, vc, q_pos, k_pos, sliding):
     """Attention over a whole cache buffer, one softmax (the decode step's write-first
     form): qh (B,KV,G,T,Dh), kc/vc (B,KV,S,Dh), k_pos (B,S) -> (B,T,KV,G,Dh)."""
-    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kc.astype(qh.dtype), preferred_element_type=jnp.float32)
-    probs = _softmax_masked(s, scores_mask(q_pos, k_pos, sliding, cfg), cfg)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(vc.dtype), vc).transpose(0, 3, 1, 2, 4)
+    kc = kc.astype(qh.dtype)
+    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kc, preferred_element_type=jnp.float32, precision=precision.of(qh, kc))
+    probs = _softmax_masked(s, scores_mask(q_pos, k_pos, sliding, cfg), cfg).astype(vc.dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, vc, precision=precision.of(probs, vc)).transpose(0, 3, 1, 2, 4)
 
 
 def attend_blocks(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks: int):
@@ -103,12 +108,14 @@ def attend_blocks(cfg, qh, kh, vh, q_pos, k_pos, sliding, blocks: int):
     against the keys up to the block's end: exact when a later token never has an
     earlier position (default positions), since those keys are masked anyway."""
     T = qh.shape[3]
+    prec_s, prec_v = precision.of(qh, kh), precision.of(vh)  # probs are cast to vh's dtype
     outs = []
     for b in range(blocks):
         lo, hi = b * T // blocks, (b + 1) * T // blocks
-        s = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi], preferred_element_type=jnp.float32)
+        s = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi], preferred_element_type=jnp.float32,
+                       precision=prec_s)
         probs = _softmax_masked(s, scores_mask(q_pos[:, lo:hi], k_pos[:, :hi], sliding, cfg), cfg)
-        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(vh.dtype), vh[:, :, :hi]))
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(vh.dtype), vh[:, :, :hi], precision=prec_v))
     out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from cca_jax import precision
 from cca_jax.errors import CCAError
 from cca_jax.model.attention import scores_mask
 
@@ -56,6 +57,7 @@ def attend_self(cfg, q, k, v, q_pos, k_pos, sliding, index_causal: bool, impleme
         is_causal=index_causal,
         scale=cfg.scale,
         logits_soft_cap=cfg.attn_logit_softcap,
+        precision=precision.of(q, k, v),  # float32: full float32 (the XLA reference's dots too)
         # None: tokamax tries its kernels for the platform in turn (Mosaic GPU on sm90+,
         # Mosaic TPU, Triton) and falls back to its XLA reference
         implementation=None if implementation == "auto" else implementation,

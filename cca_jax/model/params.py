@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cca_jax import precision
 from cca_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -119,15 +120,18 @@ def qkv_projections(cfg: ModelConfig, p: Params, x: jax.Array):
     """A layer's q (B,T,H,Dh), k, v (B,T,KV,Dh) from x (B,T,D), either weight form."""
     if MERGED_QKV in p:  # one matmul over [q | k | v] heads
         H, KV = cfg.num_heads, cfg.num_kv_heads
-        return jnp.split(jnp.einsum("btd,dhk->bthk", x, p[MERGED_QKV]), [H, H + KV], axis=2)
-    q = jnp.einsum("btd,dhk->bthk", x, p["q"])
-    k = jnp.einsum("btd,dhk->bthk", x, p["k"])
-    v = jnp.einsum("btd,dhk->bthk", x, p["v"])
-    return q, k, v
+        w = p[MERGED_QKV]
+        return jnp.split(jnp.einsum("btd,dhk->bthk", x, w, precision=precision.of(x, w)), [H, H + KV], axis=2)
+    return tuple(jnp.einsum("btd,dhk->bthk", x, p[n], precision=precision.of(x, p[n])) for n in ("q", "k", "v"))
 
 
 def gate_up_projections(p: Params, x: jax.Array):
     """A layer's MLP gate and up outputs (B,T,F) from x (B,T,D), either weight form."""
     if MERGED_GATE_UP in p:  # one matmul over [gate | up]
-        return jnp.split(x @ p[MERGED_GATE_UP], 2, axis=-1)
-    return x @ p["gate"], x @ p["up"]
+        return jnp.split(matmul(x, p[MERGED_GATE_UP]), 2, axis=-1)
+    return matmul(x, p["gate"]), matmul(x, p["up"])
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w at the operands' precision (float32: full float32, ``precision.of``)."""
+    return jnp.matmul(x, w, precision=precision.of(x, w))

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from cca_jax import precision
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
 from cca_jax.model import intervention as iv_lib
@@ -24,8 +25,8 @@ from cca_jax.model.cache import KVCache, per_row, write_rows
 from cca_jax.model.intervention import Intervention
 from cca_jax.model.layers import activation, apply_rope, rms_norm, rope_tables, softcap
 from cca_jax.model.modes import AttentionMode, CacheUse, OwnKeys, WriteCache, cache_use, layer_mode
-from cca_jax.model.params import (Params, gate_up_projections, init_params, is_per_layer, layer_list, param_shapes,
-                                  qkv_projections, unstack_layers)
+from cca_jax.model.params import (Params, gate_up_projections, init_params, is_per_layer, layer_list, matmul,
+                                  param_shapes, qkv_projections, unstack_layers)
 
 # the parameter-layout names are re-exported: weights.mapping, amplify and tests read them here
 __all__ = ["ForwardOutput", "Params", "REMAT_POLICIES", "Transformer", "forward", "init_params", "layer_list",
@@ -156,7 +157,8 @@ def _attention(cfg, p, x, call: CallConsts, mode: AttentionMode, sliding, cos, s
     """One attention sublayer: (output, what ``mode`` hands back for the cache, activations)."""
     q, k, v, acts = _qkv(cfg, p, x, call, cos, sin, layer_iv)
     out, new_kv = mode.attend(cfg, q, k, v, call.positions, sliding, call.index_causal)
-    out = jnp.einsum("bthd,hdm->btm", out.astype(x.dtype), p["o"])
+    out = out.astype(x.dtype)
+    out = jnp.einsum("bthd,hdm->btm", out, p["o"], precision=precision.of(out, p["o"]))
     if cfg.o_bias:
         out = out + p["o_bias"]
     return _name(out, "block_out"), new_kv, acts
@@ -169,7 +171,7 @@ def _mlp(cfg, p, x, call: CallConsts, layer_iv):
     g, u = _name(g, "mlp_in"), _name(u, "mlp_in")
     h = activation(cfg.hidden_act, g) * u
     h = iv_lib.apply(h, "mlp", layer_iv, call.where)
-    out = h @ p["down"]
+    out = matmul(h, p["down"])
     if cfg.mlp_bias:
         out = out + p["down_bias"]
     return _name(out, "block_out"), ({"mlp": _gather(h, call.at)} if call.collect else {})
@@ -269,7 +271,8 @@ def _logits(cfg, params, x, at, vocab, final_softcap: bool):
         head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     else:
         head = params["embed"][vocab].T if cfg.tie_word_embeddings else params["lm_head"][:, vocab]
-    logits = jnp.einsum("bpd,dv->bpv", h, head.astype(params["embed"].dtype), preferred_element_type=jnp.float32)
+    head = head.astype(params["embed"].dtype)
+    logits = jnp.einsum("bpd,dv->bpv", h, head, preferred_element_type=jnp.float32, precision=precision.of(h, head))
     return softcap(logits, cfg.final_logit_softcap) if final_softcap else logits
 
 
