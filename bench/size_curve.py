@@ -52,6 +52,10 @@ def main(argv=None):
                     label=f"{kind} circuit, after amplification")
     ax.axhline(pts[0]["before"], color="k", lw=0.8, ls="--", label="before")
     ax.set_xscale("log")
+    ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 100)
+             if 0.5 * min(100 * p["fraction_components"] for p in pts) <= t <= 2 * max(100 * p["fraction_components"] for p in pts)]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("circuit size (% of components, log scale)")
     ax.set_ylabel("test accuracy (95% CI over items)")
     ax.legend(fontsize=8)
