@@ -259,11 +259,12 @@ def resolve(layout: str, kind: str, params) -> str:
 
 # -- batches and caches ---------------------------------------------------------------------------
 
-def data_axes(params, rows: int) -> tuple:
+def data_axes(params, rows: int, whole: bool = False) -> tuple:
     """Mesh axes a batch of ``rows`` rows is split over for ``params``' layout: fsdp (and
-    tp when the weights are replicated) where the rows divide; () = every device has all."""
+    tp when the weights are replicated) where the rows divide; () = every device has all
+    (also with ``whole``: see ``whole_rows``)."""
     mesh = mesh_of(params)
-    if mesh is None:
+    if mesh is None or whole:
         return ()
     cands = [("fsdp", "tp"), ("fsdp",), ("tp",)] if layout_of(params) == "replicated" else [("fsdp",)]
     for axes in cands:
@@ -284,21 +285,32 @@ def padded_rows(params, rows: int) -> int:
     return -(-rows // n) * n
 
 
-def row_sharding(params, shape, axis: int = 0) -> NamedSharding | None:
+def whole_rows(params) -> bool:
+    """Whether a DCM batch goes whole to every device: when the weights are replicated.
+    Every device then runs one device's program on the same inputs, so the mask, its
+    Adam state and the early stop equal one device's bit for bit. Rows split over the
+    devices would round differently (per-row sums of another row count, an all-reduce),
+    and DCM turns 1e-7 differences into another circuit: the float32 Qwen run's circuit
+    differed between one and two H200s with everything before DCM equal (BENCHMARKS.md,
+    ninth session). What it costs: split rows made gemma-2-9b's DCM step 1.09x faster."""
+    return mesh_of(params) is not None and layout_of(params) == "replicated"
+
+
+def row_sharding(params, shape, axis: int = 0, whole: bool = False) -> NamedSharding | None:
     mesh = mesh_of(params)
     if mesh is None:
         return None
-    axes = data_axes(params, shape[axis])
+    axes = data_axes(params, shape[axis], whole)
     spec = [None] * len(shape)
     if axes:
         spec[axis] = axes if len(axes) > 1 else axes[0]
     return NamedSharding(mesh, P(*spec))
 
 
-def rows(x, params, axis: int = 0):
+def rows(x, params, axis: int = 0, whole: bool = False):
     """A host batch on the devices, its rows (``axis``) split as ``data_axes`` says for
-    ``params``; on one device, ``jnp.asarray``."""
-    s = row_sharding(params, np.shape(x), axis)
+    ``params`` (``whole``: on every device); on one device, ``jnp.asarray``."""
+    s = row_sharding(params, np.shape(x), axis, whole)
     if s is None:
         return jax.numpy.asarray(x)
     return jax.device_put(np.asarray(x), s)
@@ -325,13 +337,14 @@ class CacheSharding:
         return NamedSharding(self.mesh, P())
 
 
-def cache_sharding(params, batch: int, num_kv_heads: int) -> CacheSharding | None:
-    """The cache layout matching ``params``' layout for a batch of ``batch`` rows."""
+def cache_sharding(params, batch: int, num_kv_heads: int, whole: bool = False) -> CacheSharding | None:
+    """The cache layout matching ``params``' layout for a batch of ``batch`` rows
+    (``whole``: every row on every device)."""
     mesh = mesh_of(params)
     if mesh is None:
         return None
     heads = "tp" if layout_of(params) != "replicated" and num_kv_heads % mesh.shape["tp"] == 0 else None
-    data = data_axes(params, batch)
+    data = data_axes(params, batch, whole)
     if heads is not None and "tp" in data:
         heads = None
     return CacheSharding(mesh, data, heads)

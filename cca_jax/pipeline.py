@@ -393,7 +393,8 @@ def _dcm_caches_on_host(r: _Run, model, examples) -> bool:
     from cca_jax.cca.dcm import cache_bytes
 
     total = cache_bytes(model.config, examples, r.config.dcm.batch_size, model.dtype)
-    cs = mesh_lib.cache_sharding(params, r.config.dcm.batch_size, model.config.num_kv_heads)
+    cs = mesh_lib.cache_sharding(params, r.config.dcm.batch_size, model.config.num_kv_heads,
+                                 mesh_lib.whole_rows(params))
     split = 1
     if cs is not None:
         split = int(np.prod([cs.mesh.shape[a] for a in cs.data])) * (cs.mesh.shape["tp"] if cs.heads else 1)

@@ -138,8 +138,8 @@ def _cache(cfg: ModelConfig, batch: int, size: int, dtype, cs: mesh_lib.CacheSha
                                   index=cs.scalar()))
 
 
-def _rows(shape, dtype, params_abs, axis: int = 0):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.row_sharding(params_abs, shape, axis))
+def _rows(shape, dtype, params_abs, axis: int = 0, whole: bool = False):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.row_sharding(params_abs, shape, axis, whole))
 
 
 @dataclasses.dataclass
@@ -222,11 +222,12 @@ def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool
     layers = _per_layer(params)
     B, T = w.dcm_batch, w.pivot_len
     n_b = -(-w.examples // B)
-    cs = mesh_lib.cache_sharding(params, B, cfg.num_kv_heads)
+    whole = mesh_lib.whole_rows(params)  # as dcm.train_mask places its batches
+    cs = mesh_lib.cache_sharding(params, B, cfg.num_kv_heads, whole)
     cache = _cache(cfg, B, T, dtype, cs, mesh)
-    toks = _rows((B, T), jnp.int32, params)
-    mask = _rows((B, T), jnp.bool_, params)
-    vec = _rows((B,), jnp.int32, params)
+    toks = _rows((B, T), jnp.int32, params, whole=whole)
+    mask = _rows((B, T), jnp.bool_, params, whole=whole)
+    vec = _rows((B,), jnp.int32, params, whole=whole)
     c = dcm.DCMConfig()
     opt = dcm.make_optimizer(c, n_b)
     m = _replicated(jax.eval_shape(lambda: components.full(cfg, 1.0)), mesh)

@@ -120,3 +120,47 @@ def test_dcm_amplification_generation_on_8_host_devices_equal_single_device():
     here = os.path.dirname(__file__)
     r = subprocess.run([sys.executable, "-c", CCA_SCRIPT, here], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-3000:]
+
+
+DCM_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import jax, numpy as np
+    from flax import nnx
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import cca_jax, tiny
+    from cca_jax import mesh as mesh_lib
+    from cca_jax.cca import dcm
+    from cca_jax.cca.examples import LocalizationExample
+
+    cfg = cca_jax.config.from_hf(tiny.hf_config("llama", hidden_size=64, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=96))
+    params = jax.tree.map(lambda x: x * 3.0, cca_jax.Transformer(cfg, rngs=nnx.Rngs(0)).params())
+    rng = np.random.default_rng(0)
+    exs = [LocalizationExample(tuple(int(t) for t in rng.integers(3, cfg.vocab_size, 20 + i)), 5 + i, 9 + i, 0, i)
+           for i in range(16)]
+    c = dcm.DCMConfig(epochs=3, batch_size=8, lr=0.05, reg=0.01, early_stop="fixed", mode="fixed")
+    run = lambda p: dcm.train_mask(cca_jax.Transformer(cfg, rngs=nnx.Rngs(0), params=p), exs, c, progress=False)
+    single = run(jax.device_put(params, jax.devices()[0]))
+    for fsdp, tp in ((1, 2), (2, 4)):
+        mesh = cca_jax.make_mesh(fsdp=fsdp, tp=tp, devices=jax.devices()[:fsdp * tp])
+        p = mesh_lib.relayout(cca_jax.shard_params(params, mesh), "replicated")  # DCM's layout when the model fits
+        out = run(p)
+        for k in single.m:
+            assert np.array_equal(out.m[k], single.m[k]), (fsdp, tp, k, np.abs(out.m[k] - single.m[k]).max())
+        assert [h["loss"] for h in out.history] == [h["loss"] for h in single.history], (fsdp, tp)
+        print(fsdp, tp, "DCM bit for bit as on one device")
+    print("OK")
+""")
+
+
+def test_dcm_on_replicated_weights_equals_one_device_bit_for_bit():
+    """DCM turns 1e-7 rounding differences into other circuits (the float32 Qwen run on one
+    and two H200s), so with replicated weights every device runs one device's program on
+    whole batches: the learned mask floats and the losses equal one device's exactly (rows
+    split over the devices differed by up to 1e-5 here)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-c", DCM_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-3000:]

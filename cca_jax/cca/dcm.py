@@ -152,12 +152,15 @@ def placed_prefix_cache(cfg: ModelConfig, params, tokens, mask, sharding):
 
 
 def prefix_caches(cfg, params, bs, on_host: bool = False):
-    """Each batch's prefix cache; on a mesh laid out like the weights (rows over the data
-    axis, KV heads over tp); ``on_host``: parked in host memory, streamed in per step."""
+    """Each batch's prefix cache; on a mesh laid out like the weights (KV heads over tp,
+    rows over the data axis, or whole on every device when the weights are replicated:
+    ``mesh.whole_rows``); ``on_host``: parked in host memory, streamed in per step."""
     out = []
+    whole = mesh_lib.whole_rows(params)
     for b in bs:
-        cs = mesh_lib.cache_sharding(params, b.tokens.shape[0], cfg.num_kv_heads)
-        c = placed_prefix_cache(cfg, params, mesh_lib.rows(b.tokens, params), mesh_lib.rows(b.mask, params), cs)
+        cs = mesh_lib.cache_sharding(params, b.tokens.shape[0], cfg.num_kv_heads, whole)
+        c = placed_prefix_cache(cfg, params, mesh_lib.rows(b.tokens, params, whole=whole),
+                                mesh_lib.rows(b.mask, params, whole=whole), cs)
         out.append(mesh_lib.to_memory(c, "pinned_host") if on_host else c)
     return out
 
@@ -187,6 +190,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id, pad_rows=True)
     caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
     params = mesh_lib.per_layer(model.params())  # per-layer buffers for the steps: see unstack_layers
+    whole = mesh_lib.whole_rows(model.params())  # replicated weights: one device's program on every device
     n_b = len(bs)
     opt = make_optimizer(config, n_b)
     m = components.full(cfg, 1.0)
@@ -220,7 +224,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             cache = ahead if caches_on_host else caches[bi]
             if caches_on_host and i + 1 < len(order):  # the next batch's cache copies in during this step
                 ahead = mesh_lib.to_memory(caches[order[i + 1]], "device")
-            m, state, loss, kept = step(m, state, cache, *(mesh_lib.rows(x, params) for x in
+            m, state, loss, kept = step(m, state, cache, *(mesh_lib.rows(x, params, whole=whole) for x in
                                                            (b.tokens[:, -1], b.desired, b.undesired, b.weights)))
             del cache
             loss, kept = timing.fetch((loss, kept))
