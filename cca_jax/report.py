@@ -148,6 +148,11 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
         lines += [f"| {k} | {_total(v):.1f} | " + (f"{v['compile']:.1f} ({v['compiles']}) | {v['device']:.1f} | "
                                                    f"{v['host']:.1f} |" if "compile" in v else "| | |")
                   for k, v in ((k, _split(v)) for k, v in t.items())]
+        slow = [(k, v) for k, v in t.items() if isinstance(v, dict) and v.get("programs") and v.get("compiles", 0) > 0]
+        if slow:  # which programs a stage's compile time went to
+            lines += ["", "Slowest programs to compile (compiles / seconds):"]
+            lines += [f"- {k}: " + ", ".join(f"{n} {c}/{sec:.1f}" for n, (c, sec) in list(v["programs"].items())[:4])
+                      for k, v in slow]
         for k, v in t.items():  # the training loop's own split (this process's part of it)
             loop = v.get("loop") if isinstance(v, dict) else None
             if loop:

@@ -45,29 +45,46 @@ class Account:
     device: float = 0.0  # host blocked on device results
     peak_bytes: int = 0  # per device (see the module's docstring)
     memory: str = ""  # how peak_bytes was measured: peak_bytes_in_use | live_arrays
+    # per jitted function: [XLA compiles (cache hits excluded), seconds of tracing, lowering
+    # and compiling]: which programs a stage's compile time goes to
+    programs: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         host = max(self.wall - self.compile - self.device, 0.0)
+        top = sorted(self.programs.items(), key=lambda kv: -kv[1][1])[:TOP_PROGRAMS]
         return {"total": round(self.wall, 3), "compile": round(self.compile, 3), "compiles": self.compiles,
                 "cache_hits": self.cache_hits, "device": round(self.device, 3), "host": round(host, 3),
-                "peak_bytes_per_device": self.peak_bytes, "memory": self.memory}
+                "peak_bytes_per_device": self.peak_bytes, "memory": self.memory,
+                "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001}}
+
+
+TOP_PROGRAMS = 8  # the slowest programs to compile, per stage, in summary.json
 
 
 _open: list[Account] = []  # accounts being filled (nested stages: every enclosing one too)
 _lock = threading.Lock()
 _listening = False
+_hit = threading.local()  # a cache hit reported inside the backend compile that follows it
 
 
-def _on_duration(name: str, seconds: float, **_) -> None:
+def _on_duration(name: str, seconds: float, **kw) -> None:
     if name in _COMPILE:
+        fun = str(kw.get("fun_name", "?"))  # JAX names the function: "f" when tracing, "jit(f)" compiling
+        fun = fun[4:-1] if fun.startswith("jit(") and fun.endswith(")") else fun
+        compiled = name == _BACKEND and not getattr(_hit, "pending", False)
+        if name == _BACKEND:
+            _hit.pending = False
         with _lock:
             for a in _open:
                 a.compile += seconds
                 a.compiles += name == _BACKEND
+                n, t = a.programs.get(fun, (0, 0.0))
+                a.programs[fun] = (n + compiled, t + seconds)
 
 
 def _on_event(name: str, **_) -> None:
     if name == _HIT:
+        _hit.pending = True
         with _lock:
             for a in _open:
                 a.cache_hits += 1

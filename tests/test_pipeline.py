@@ -222,3 +222,11 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
         assert set(loop) == {"steps", "val_eval", "checkpoints"} and min(loop.values()) > 0
         assert sum(loop.values()) <= t["amplify"]["total"] + 0.01
     assert "amplify: steps " in (tmp_path / "cold" / "report.md").read_text()
+    # which programs the compile time went to: DCM's step and prefix cache, by name; a warm
+    # cache compiles none of them (cache hits are not counted as compiles)
+    progs = cold["circuit"]["programs"]
+    assert progs["mask_step"][0] == 1 and progs["placed_prefix_cache"][0] == 1
+    assert list(progs.values()) == sorted(progs.values(), key=lambda p: -p[1])
+    assert sum(p[1] for p in progs.values()) <= cold["circuit"]["compile"] + 0.01  # each rounded to 1 ms
+    assert all(n == 0 for v in warm.values() for n, _ in v["programs"].values()), warm
+    assert "- circuit: mask_step 1/" in (tmp_path / "cold" / "report.md").read_text()
