@@ -193,6 +193,20 @@ c9wait() {
     && ls -la "$OUT/controls.tgz"
 }
 
+# issue 20's check alone (~5 minutes after prep): the float32 demo run on one GPU and on two
+# (tp=2) at the same time, then compared (summary fields, examples.jsonl, mask.npz)
+eq20() {
+  prep || exit 2
+  mkdir -p /tmp/bg && : > /tmp/bg/status && rm -rf /tmp/mesh_perf_qwen
+  MEMF=0.4 bgrun q1 1 "QWEN_WHICH=one QWEN_GPU=0 QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q1"
+  MEMF=0.4 bgrun q2 0,1 "QWEN_WHICH=two QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q2"
+  local t=0
+  while [ $t -lt "${EQ_LIMIT:-480}" ] && [ "$(wc -l < /tmp/bg/status)" -lt 2 ]; do sleep 5; t=$((t + 5)); done
+  cat /tmp/bg/status; tail -n 4 /tmp/bg/q1.log /tmp/bg/q2.log
+  QWEN_WHICH=none QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen" 2>&1 | tail -n 3
+  for n in one two; do mkdir -p "$OUT/qwen_$n" && cp /tmp/mesh_perf_qwen/qwen_$n/summary.json "$OUT/qwen_$n/"; done
+}
+
 case "${1:-}" in
   prep) prep ;;
   sbs) sbs ;;
@@ -206,5 +220,6 @@ case "${1:-}" in
   controls) shift; controls "$@" ;;
   c9start) c9start ;;
   c9wait) c9wait "${2:-540}" ;;
+  eq20) eq20 ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
