@@ -9,10 +9,13 @@ model's identity (``model_identity``), the data, the settings and earlier stages
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -148,22 +151,73 @@ def unflatten(flat: dict, template):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [flat[leaf_key(p)] for p, _ in leaves])
 
 
-def save_trees(path: Path, trees: dict) -> None:
+class PendingSave:
+    """``save_trees``' orbax saves once ``save`` returned: the arrays are on the host
+    already (orbax copies them before ``save`` returns, so the caller may donate or
+    overwrite the device arrays at once); orbax's background threads write the files and
+    rename each tree's temporary directory into place; then ``then()`` runs (in this
+    object's thread) if every write succeeded. ``done()`` polls, ``wait()`` blocks and
+    raises a failed write's (or ``then``'s) error."""
+
+    def __init__(self, checkpointers: list, then: Callable[[], None] | None = None):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._finish, args=(checkpointers, then), name="cca_jax save",
+                                        daemon=True)
+        self._thread.start()
+
+    def _finish(self, checkpointers, then) -> None:
+        # only this thread touches the checkpointers after ``save``: close() waits for
+        # the files and releases orbax's threads; the first error is kept for ``wait``
+        for ckpt in checkpointers:
+            try:
+                ckpt.close()
+            except BaseException as err:  # noqa: BLE001 - re-raised by wait()
+                self._error = self._error or err
+        if self._error is None and then is not None:
+            try:
+                then()
+            except BaseException as err:  # noqa: BLE001 - re-raised by wait()
+                self._error = err
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def save_trees(path: Path, trees: dict, *, wait: bool = True, then: Callable[[], None] | None = None) -> PendingSave:
     """Pytrees ({name: tree}) as orbax checkpoints ``path/name``, each flattened to dotted
     leaf keys (orbax writes a temporary directory and renames it). A tree without arrays
-    (plain SGD's optimizer state) is an empty directory."""
+    (plain SGD's optimizer state) is an empty directory. ``wait=False`` returns once the
+    arrays are copied to the host (``PendingSave``): the files are written meanwhile, and
+    ``then()`` runs once they all are."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    ckpt = ocp.StandardCheckpointer()
-    for name, tree in trees.items():
-        flat = flatten(tree)
-        if flat:
-            ckpt.save(path / name, flat)  # on every process of a multi-process run: each writes its shards
-        elif _writer():
-            (path / name).mkdir(exist_ok=True)
-    ckpt.wait_until_finished()
+    started = []
+    try:
+        for name, tree in trees.items():
+            flat = flatten(tree)
+            if flat:
+                # one checkpointer per tree: a checkpointer's save first waits for its
+                # previous one, separate ones write their trees at the same time
+                ckpt = ocp.StandardCheckpointer()
+                started.append(ckpt)
+                ckpt.save(path / name, flat)  # on every process of a multi-process run: each writes its shards
+            elif _writer():
+                (path / name).mkdir(exist_ok=True)
+    except BaseException:
+        with contextlib.suppress(BaseException):  # no thread left writing; the first error is the one to see
+            PendingSave(started).wait()
+        raise
+    pending = PendingSave(started, then)
+    if wait:
+        pending.wait()
+    return pending
 
 
 def load_trees(path: Path, templates: dict) -> dict:

@@ -6,16 +6,20 @@ A method plugs in through ``Trainer``. The loop owns no model code; it calls
 ``evaluate(params) -> accuracy`` at eval steps and keeps the master of the best one
 (step 0 is the unchanged model).
 
-Checkpoints are crash-safe (``Checkpoints``): each eval step writes one new directory
-holding the step's master and optimizer state, then atomically rewrites
-``progress.json`` to point at it (and at the best step's directory), and only then
-deletes directories nothing points at. A kill at any point leaves either the old
-checkpoint or the new one, never a mix.
+Checkpoints are crash-safe (``Checkpoints``): an eval step writes one new directory
+holding the step's master and optimizer state; once it is whole, ``progress.json`` is
+rewritten atomically to point at it (and at the best step's directory), and only then
+are directories nothing points at deleted. A kill at any point leaves either the old
+checkpoint or the new one, never a mix. The files are written while the next steps run
+(orbax's asynchronous save; the arrays are copied to the host first), so the device
+does not wait for the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import re
 import shutil
 import time
@@ -58,7 +62,8 @@ class LoopResult:
     history: list  # [{"step", "loss"?, "val_accuracy"?, ...}], step 0 first
     seconds: float
     # this call's wall seconds in the training steps, the val evaluations and the checkpoint
-    # commits (each including the device work it waited for): where a stage's time goes
+    # commits (each including the device work it waited for; for checkpoints the time the
+    # loop was blocked: the host copy and any wait for an earlier save): where a stage's time goes
     parts: dict = dataclasses.field(default_factory=dict)
 
 
@@ -68,11 +73,18 @@ PROGRESS = "progress.json"
 
 class Checkpoints:
     """A stage directory's checkpoints: ``ckpt-NNNNNN/`` (orbax: master + optimizer
-    state) and ``progress.json``, the pointer naming the current and best ones."""
+    state) and ``progress.json``, the pointer naming the current and best ones.
 
-    def __init__(self, directory: Path, key: str):
+    At most one save is under way (``_pending``): its files are written in the
+    background, and progress.json is pointed at it once they are whole, as soon as they
+    are (the save's thread does it), never before. ``asynchronous=False`` waits for every
+    save in ``commit`` (every eval step is then checkpointed)."""
+
+    def __init__(self, directory: Path, key: str, *, asynchronous: bool = True):
         self.dir = Path(directory)
         self.key = key
+        self.asynchronous = asynchronous
+        self._pending: tuple[int, stages.PendingSave] | None = None  # (step, its save)
 
     def progress(self) -> dict | None:
         """The committed progress for this key, or None (no run yet, another key, or a
@@ -92,24 +104,68 @@ class Checkpoints:
     def restore_master(self, name: str, master):
         return stages.load_trees(self.dir / name, {"master": master})["master"]
 
-    def commit(self, step: int, master, opt_state, progress: dict) -> dict:
-        """Write step ``step``'s checkpoint, then point progress.json at it, then delete
-        what nothing points at. ``progress["best"]`` may be "this" (this step is the new
-        best), a directory name, or None (step 0, the unchanged model)."""
+    def commit(self, step: int, master, opt_state, progress: dict, *, final: bool = False) -> dict:
+        """Start saving step ``step``'s checkpoint and return its progress record (``"best"``
+        resolved to a directory name). ``progress["best"]`` may be "this" (this step is the
+        new best), a directory name, or None (step 0, the unchanged model). The arrays are
+        on the host when this returns: the caller may donate them.
+
+        While the previous save is still being written, a new best or the ``final`` step
+        waits for it (and for the pointer at it) before starting; any other step is
+        not checkpointed (a kill then reruns it from the previous checkpoint, and its
+        history goes into the next record): the loop never waits for the disk for a step
+        that is not needed for the result."""
         name = f"ckpt-{step:06d}"
+        best = name if progress.get("best") == "this" else progress.get("best")
+        prog = {**progress, "key": self.key, "step": step, "checkpoint": name, "best": best}
+        # every process takes the same decision (process 0's view of its save): they all
+        # start the same saves, which hold barriers across processes
+        if self._pending is not None and best != name and not final \
+                and not mesh_lib.agree(int(self._pending[1].done())):
+            return prog
+        self.flush()
         path = self.dir / name
         if path.exists() and mesh_lib.is_writer():  # an earlier attempt at this step that was never pointed at
             shutil.rmtree(path)
         mesh_lib.sync(f"cca_jax ckpt {step} clear")
-        trees = {"master": master, "opt": opt_state}
-        stages.save_trees(path, trees)  # every process writes its shards (orbax)
-        best = name if progress.get("best") == "this" else progress.get("best")
-        prog = {**progress, "key": self.key, "step": step, "checkpoint": name, "best": best}
+        # the record as of this step: the loop goes on changing its state and history meanwhile
+        record = json.loads(json.dumps(prog, default=float))
+        # every process writes its shards (orbax); the files are written in the background,
+        # and progress.json is pointed at them as soon as they are whole (orbax's barriers:
+        # every process's shards written and renamed into place)
+        self._pending = step, stages.save_trees(path, {"master": master, "opt": opt_state}, wait=False,
+                                                then=lambda: self._point(record))
+        if not self.asynchronous:
+            self.flush()
+        return prog
+
+    def flush(self) -> None:
+        """Wait until the pending save is whole and pointed at (progress.json, then the
+        deletion of what nothing points at). Every process calls it at the same point."""
+        if self._pending is None:
+            return
+        step, pending = self._pending
+        try:
+            pending.wait()  # raises a failed write's error: that save is never pointed at
+        finally:
+            if pending.done():
+                self._pending = None
+        mesh_lib.sync(f"cca_jax ckpt {step} committed")
+
+    def settle(self) -> None:
+        """After an exception in the loop: let the pending save finish (no thread writes
+        here once the loop is gone; it is pointed at if it is whole). No barrier (the other
+        processes may be elsewhere) and no error of its own (the loop's exception is the
+        one to report)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending[1].wait()
+
+    def _point(self, prog: dict) -> None:
         atomic.write_json(self.dir / PROGRESS, prog)  # process 0 only (atomic)
         if mesh_lib.is_writer():
-            self.clean(keep={name, best})
-        mesh_lib.sync(f"cca_jax ckpt {step} committed")
-        return prog
+            self.clean(keep={prog["checkpoint"], prog["best"]})
 
     def clean(self, keep: set) -> None:
         """Delete checkpoint directories (with any temporaries of a killed save inside)
@@ -176,39 +232,47 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
 
         bar = tqdm(total=trainer.steps, initial=step, desc=trainer.name, unit="step")
     parts = {"steps": 0.0, "val_eval": 0.0, "checkpoints": 0.0}
-    while step < trainer.steps:
-        t = time.perf_counter()
-        master, opt_state, rec = trainer.step(master, opt_state, step)
-        parts["steps"] += time.perf_counter() - t
-        step += 1
-        rec = {"step": step, **rec}
-        if trainer.is_eval_step(step) or step == trainer.steps:
-            if evaluate is None:  # no selection: the last step is the result
-                new_best = step == trainer.steps
-            else:
-                t = time.perf_counter()
-                rec["val_accuracy"] = float(evaluate(trainer.working_params(master), step))
-                parts["val_eval"] += time.perf_counter() - t
-                new_best = rec["val_accuracy"] > state["best_val"]
-            history.append(rec)
-            if new_best:
-                state["best_step"], state["best_val"] = step, rec.get("val_accuracy", state["best_val"])
+    try:
+        while step < trainer.steps:
             t = time.perf_counter()
-            state = ckpt.commit(step, master, opt_state, {
-                "history": history, "best_step": state["best_step"], "best_val": state["best_val"],
-                "best": "this" if new_best else state["best"],
-                "seconds": float(state["seconds"]) + time.perf_counter() - t_start})
-            parts["checkpoints"] += time.perf_counter() - t
-            t_start = time.perf_counter()
-        else:
-            history.append(rec)
-        if bar is not None:
-            bar.update(1)
-            loss = rec.get("loss")
-            best = {} if state["best_val"] is None else {"best": f"{state['best_val']:.3f}@{state['best_step']}"}
-            bar.set_postfix(**({"loss": f"{loss:.3f}"} if loss is not None else {}), **best)
-        if on_step is not None:
-            on_step(step)
+            master, opt_state, rec = trainer.step(master, opt_state, step)
+            parts["steps"] += time.perf_counter() - t
+            step += 1
+            rec = {"step": step, **rec}
+            if trainer.is_eval_step(step) or step == trainer.steps:
+                if evaluate is None:  # no selection: the last step is the result
+                    new_best = step == trainer.steps
+                else:
+                    t = time.perf_counter()
+                    rec["val_accuracy"] = float(evaluate(trainer.working_params(master), step))
+                    parts["val_eval"] += time.perf_counter() - t
+                    new_best = rec["val_accuracy"] > state["best_val"]
+                history.append(rec)
+                if new_best:
+                    state["best_step"], state["best_val"] = step, rec.get("val_accuracy", state["best_val"])
+                t = time.perf_counter()
+                state = ckpt.commit(step, master, opt_state, {
+                    "history": history, "best_step": state["best_step"], "best_val": state["best_val"],
+                    "best": "this" if new_best else state["best"],
+                    "seconds": float(state["seconds"]) + time.perf_counter() - t_start},
+                    final=step == trainer.steps)
+                parts["checkpoints"] += time.perf_counter() - t
+                t_start = time.perf_counter()
+            else:
+                history.append(rec)
+            if bar is not None:
+                bar.update(1)
+                loss = rec.get("loss")
+                best = {} if state["best_val"] is None else {"best": f"{state['best_val']:.3f}@{state['best_step']}"}
+                bar.set_postfix(**({"loss": f"{loss:.3f}"} if loss is not None else {}), **best)
+            if on_step is not None:
+                on_step(step)
+        t = time.perf_counter()
+        ckpt.flush()  # the last save whole and pointed at before the best master is read back
+        parts["checkpoints"] += time.perf_counter() - t
+    except BaseException:
+        ckpt.settle()  # never a thread writing here after the loop; never a pointer at a partial save
+        raise
     if bar is not None:
         bar.close()
     del master, opt_state

@@ -1,11 +1,13 @@
 """The train-and-select loop: crash-safe checkpoint commits (a kill at every point of the
-sequence resumes to the uninterrupted result), resume, selection, the run-directory lock."""
+sequence resumes to the uninterrupted result, also while a save is still being written in
+the background), resume, selection, the run-directory lock."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +57,9 @@ def evaluate(params, step):
     return VAL[step]
 
 
-def run(d, **kw):
-    return train_loop.train_and_select(Toy(), evaluate, 0.1, train_loop.Checkpoints(d, "k"), progress=False,
-                                       log=lambda s: None, **kw)
+def run(d, asynchronous=True, **kw):
+    return train_loop.train_and_select(Toy(), evaluate, 0.1, train_loop.Checkpoints(d, "k", asynchronous=asynchronous),
+                                       progress=False, log=lambda s: None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +98,34 @@ def _crash_on(monkeypatch, obj, name, n, before=True):
     monkeypatch.setattr(obj, name, wrapper)
 
 
-# every point of the commit sequence: save master (the first tree written), save opt,
-# write progress.json, delete what is no longer pointed at; at the 2nd and 3rd commit
+def _killed_after_files(m, n):
+    """The n-th save's files are written whole, then a kill comes before anything points
+    at them (the pointer is written in the save's background thread: it never runs)."""
+    real, calls = stages.save_trees, []
+
+    def wrapper(path, trees, **kw):
+        calls.append(1)
+        if len(calls) != n:
+            return real(path, trees, **kw)
+        real(path, trees, wait=True)
+        raise Killed
+
+    m.setattr(stages, "save_trees", wrapper)
+
+
+# every point of the commit sequence: before the save, after its files are written,
+# around writing progress.json, around deleting what is no longer pointed at (those two
+# in the save's background thread: the kill surfaces at the loop's next wait for it); at
+# the 2nd and 3rd commit
 @pytest.mark.parametrize("commit", [2, 3])
 @pytest.mark.parametrize("point", ["before_save", "after_save", "before_pointer", "after_pointer", "before_clean",
                                    "after_clean"])
 def test_a_kill_at_any_point_of_a_commit_resumes_to_the_same_result(want, tmp_path, monkeypatch, commit, point):
     with monkeypatch.context() as m:
-        if point in ("before_save", "after_save"):
-            _crash_on(m, stages, "save_trees", commit, before=point == "before_save")
+        if point == "before_save":
+            _crash_on(m, stages, "save_trees", commit)
+        elif point == "after_save":
+            _killed_after_files(m, commit)
         elif point in ("before_pointer", "after_pointer"):
             _crash_on(m, atomic, "write_json", commit, before=point == "before_pointer")
         else:
@@ -157,6 +178,156 @@ def test_another_key_starts_over_and_unreadable_checkpoints_restart(want, tmp_pa
     res = train_loop.train_and_select(Toy(), evaluate, 0.1, train_loop.Checkpoints(tmp_path / "b", "k"),
                                       progress=False, log=logs.append)
     assert any("unreadable" in m and "starting over" in m for m in logs)
+    same(res, want)
+
+
+# -- asynchronous commits: the files are written while the next steps run -------------------
+
+def _record_saves(m):
+    """The checkpoint directories whose saves the loop starts, in order, with their
+    ``stages.PendingSave``s."""
+    real, started = stages.save_trees, []
+
+    def wrapper(path, trees, **kw):
+        pending = real(path, trees, **kw)
+        started.append((path.name, pending))
+        return pending
+
+    m.setattr(stages, "save_trees", wrapper)
+    return started
+
+
+def _hold_write(m, name, gate, fail=False):
+    """orbax's background completion of checkpoint ``name``'s trees (finalize, rename into
+    place) waits for ``gate`` first; with ``fail`` it then fails, as a process killed
+    mid-write leaves it: a temporary directory, nothing renamed into place."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer as oac
+
+    real = oac._background_wait_for_commit_futures
+
+    def held(directory, *a, **kw):
+        if directory.parent.name == name:
+            assert gate.wait(30)
+            if fail:
+                raise OSError("killed mid-write")
+        return real(directory, *a, **kw)
+
+    m.setattr(oac, "_background_wait_for_commit_futures", held)
+
+
+def _listing(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_asynchronous_commits_give_the_synchronous_result(want, tmp_path, monkeypatch):
+    """Same best step, history and master as synchronous commits; a step is skipped only
+    while the previous save is still being written and it is neither a new best nor the
+    last; nothing is left that progress.json does not point at."""
+    with monkeypatch.context() as m:
+        started = _record_saves(m)
+        sync = run(tmp_path / "s", asynchronous=False)
+    same(sync, want)
+    assert [n for n, _ in started] == ["ckpt-000002", "ckpt-000004", "ckpt-000005", "ckpt-000006"]
+    # step 4's save (a new best) is still being written at step 5 (no new best): step 5 is
+    # not checkpointed; the last step waits for step 4's save, then saves
+    gate = threading.Event()
+    with monkeypatch.context() as m:
+        started = _record_saves(m)
+        _hold_write(m, "ckpt-000004", gate)
+        res = run(tmp_path / "a", on_step=lambda step: gate.set() if step == 5 else None)
+    assert [n for n, _ in started] == ["ckpt-000002", "ckpt-000004", "ckpt-000006"]
+    same(res, want)
+    prog = json.loads((tmp_path / "a" / "progress.json").read_text())
+    assert (prog["step"], prog["checkpoint"], prog["best"]) == (6, "ckpt-000006", "ckpt-000004")
+    assert prog["history"] == want.history  # with step 5's record
+    # nothing left that progress.json does not point at, no temporary of orbax's
+    assert _listing(tmp_path / "a") == ["ckpt-000004", "ckpt-000006", "progress.json"]
+    assert not [p for p in (tmp_path / "a").rglob("*") if "tmp" in p.name]
+
+
+def test_a_kill_while_a_save_is_written_resumes_from_the_last_whole_checkpoint(want, tmp_path, monkeypatch):
+    """A kill (no cleanup runs) while step 4's save is being written: progress.json still
+    points at step 2's whole checkpoint, never at step 4's partial one; the rerun resumes at
+    step 2, deletes the partial directory and ends with the uninterrupted result."""
+    seen, gate = {}, threading.Event()
+
+    def on_step(step):
+        if step == 5:
+            prog = json.loads((tmp_path / "progress.json").read_text())
+            seen["pointer"] = (prog["step"], prog["checkpoint"], prog["best"])
+            seen["written"] = _listing(tmp_path / "ckpt-000004")
+            seen["whole"] = stages.load_flat(tmp_path / prog["checkpoint"], "master")
+            raise Killed
+
+    with monkeypatch.context() as m:
+        started = _record_saves(m)
+        _hold_write(m, "ckpt-000004", gate, fail=True)
+        m.setattr(train_loop.Checkpoints, "settle", lambda self: None)  # a kill runs no cleanup
+        with pytest.raises(Killed):
+            run(tmp_path, on_step=on_step)
+        gate.set()  # the held write fails now, its temporary directory stays
+        with pytest.raises(OSError, match="killed mid-write"):
+            started[-1][1].wait()
+    assert seen["pointer"] == (2, "ckpt-000002", "ckpt-000002")
+    assert "master" not in seen["written"] and any("tmp" in n for n in seen["written"])  # under way at the kill
+    toy = Toy()
+    master, opt_state = toy.init()
+    for i in range(2):
+        master, opt_state, _ = toy.step(master, opt_state, i)
+    np.testing.assert_array_equal(np.asarray(seen["whole"]["w"]), np.asarray(master["w"]))  # step 2's, whole
+    assert _listing(tmp_path) == ["ckpt-000002", "ckpt-000004", "progress.json"]
+    logs = []
+    res = train_loop.train_and_select(Toy(), evaluate, 0.1, train_loop.Checkpoints(tmp_path, "k"), progress=False,
+                                      log=logs.append)
+    assert logs == ["resuming toy at step 2"]
+    same(res, want)
+    assert _listing(tmp_path) == ["ckpt-000004", "ckpt-000006", "progress.json"]
+    assert not [p for p in tmp_path.rglob("*") if "tmp" in p.name]
+
+
+def test_a_whole_save_is_pointed_at_before_the_next_commit(tmp_path, monkeypatch):
+    """Once step 2's files are whole, progress.json points at them without waiting for
+    step 4's commit: a kill at step 3 (no cleanup) resumes at step 2."""
+    seen = {}
+
+    def on_step(step):
+        if step == 3:
+            started[-1][1].wait()
+            seen["step"] = json.loads((tmp_path / "progress.json").read_text())["step"]
+            raise Killed
+
+    with monkeypatch.context() as m:
+        started = _record_saves(m)
+        m.setattr(train_loop.Checkpoints, "settle", lambda self: None)  # a kill runs no cleanup
+        with pytest.raises(Killed):
+            run(tmp_path, on_step=on_step)
+    assert seen["step"] == 2 and [n for n, _ in started] == ["ckpt-000002"]
+
+
+def test_an_exception_while_a_save_is_written_points_at_it_once_whole(want, tmp_path, monkeypatch):
+    """An exception in the loop (not a kill): the pending save is completed and pointed at
+    before the exception leaves the loop; no thread writes there afterwards."""
+    gate = threading.Event()
+
+    def on_step(step):
+        if step == 5:
+            gate.set()
+            raise Killed
+
+    with monkeypatch.context() as m:
+        started = _record_saves(m)
+        _hold_write(m, "ckpt-000004", gate)
+        with pytest.raises(Killed):
+            run(tmp_path, on_step=on_step)
+        assert all(p.done() for _, p in started)
+    prog = json.loads((tmp_path / "progress.json").read_text())
+    assert (prog["step"], prog["checkpoint"], prog["best"]) == (4, "ckpt-000004", "ckpt-000004")
+    assert prog["history"] == want.history[:5]
+    assert _listing(tmp_path) == ["ckpt-000004", "progress.json"]
+    logs = []
+    res = train_loop.train_and_select(Toy(), evaluate, 0.1, train_loop.Checkpoints(tmp_path, "k"), progress=False,
+                                      log=logs.append)
+    assert logs == ["resuming toy at step 4"]
     same(res, want)
 
 
