@@ -152,7 +152,8 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
     if shared < config.min_shared_prefix:
         shared = 0
     suffix_len = _bucket(max(len(p) - shared for p in prompts), 16)
-    size = _bucket(shared + suffix_len + config.max_new_tokens, 128)
+    # room for whole decode chunks: the last one runs a full chunk too (see _launch)
+    size = _bucket(shared + suffix_len + _bucket(config.max_new_tokens, config.chunk), 128)
     prefix = None
     if shared:
         c = init_cache(cfg, 1, size, model.dtype, mesh_lib.cache_sharding(stacked, 1, cfg.num_kv_heads))
@@ -161,9 +162,12 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
 
 
 def _launch(plan: _Plan, config: GenerationConfig, state, stopped: np.ndarray, sent: int):
-    """Send the next decode chunk: (its pending outputs, decode steps sent so far)."""
+    """Send the next decode chunk: (its pending outputs, decode steps sent so far). Every
+    chunk has ``chunk`` steps, the last too (its steps past the budget are dropped): one
+    decode program per batch shape, not a second one for a budget's remainder (1500 new
+    tokens in chunks of 32 would end with 28) once some row runs to the budget."""
     cache, logits, done, key = state
-    steps = min(config.chunk, config.max_new_tokens - sent)
+    steps = config.chunk
     if stopped.any():  # rows the stop rule ended
         done = done | jnp.asarray(stopped)
     out = decode_chunk(plan.cfg, plan.params, cache, logits, done, key, plan.eos, config.pad_token_id, steps,
@@ -187,7 +191,7 @@ def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop
             pending, sent = _launch(plan, config, state, stopped, sent)
         # the tokens so far (gathered from every process's devices on a multi-host mesh)
         new, done_host = timing.fetch((new, state[2]))
-        out = np.concatenate([out, new], axis=1)
+        out = np.concatenate([out, new], axis=1)[:, :config.max_new_tokens]  # the last chunk's overrun dropped
         if stop is not None:
             check_stops(stop, out, stopped, keep, n, eos)
         finished = done_host | stopped

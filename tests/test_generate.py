@@ -86,6 +86,22 @@ def test_lone_batches_share_a_power_of_two_row_count(hf_dirs):
     assert outs[1][:6] == outs[0] and outs[1][:2] == [generate(model, [p], 6, **kw)[0] for p in prompts[:2]]
 
 
+def test_a_budget_that_is_not_a_whole_number_of_chunks_compiles_no_second_decode_program(hf_dirs):
+    """The last decode chunk runs whole and its overrun is dropped: 10 new tokens in chunks
+    of 4 decode with the program of 4 steps alone, and give the first 10 of 12."""
+    from cca_jax import timing
+
+    _, d = hf_dirs["qwen2"]
+    model, _ = cca_jax.load_model(d)
+    prompts = tiny.prompt_batch(4, seed=7)
+    kw = {"eos_token_id": [], "chunk": 4, "share_prefix": False}
+    twelve = generate(model, prompts, 12, **kw)  # compiles the 4-step decode program
+    with timing.account() as acc:
+        ten = generate(model, prompts, 10, **kw)
+    assert acc.programs.get("decode_chunk", (0, 0))[0] == 0, acc.programs
+    assert ten == [t[:10] for t in twelve] and all(len(t) == 10 for t in ten)
+
+
 def test_batches_and_order(hf_dirs):
     _, d = hf_dirs["qwen2"]
     model, _ = cca_jax.load_model(d)
@@ -106,7 +122,7 @@ def test_stop_rule_cuts_each_row(hf_dirs):
 
 
 def test_decode_ahead_same_tokens_and_at_most_one_extra_chunk(hf_dirs, monkeypatch):
-    """Sending the next decode chunk before reading the last changes no token, sends no
+    """Sending the next decode chunk before reading the last changes no token, starts no
     chunk past max_new_tokens, and stops sending ahead once a row has finished."""
     from cca_jax import generate as gen
 
@@ -134,7 +150,8 @@ def test_decode_ahead_same_tokens_and_at_most_one_extra_chunk(hf_dirs, monkeypat
         runs[ahead] = (plain, ended, n_plain, list(calls))
     assert runs[True][:2] == runs[False][:2]
     assert runs[True][0] == [r[:11] for r in free]
-    assert runs[True][2] == runs[False][2] == [3, 3, 3, 2]  # no chunk past max_new_tokens
+    # no chunk starts past max_new_tokens; the last runs whole (one program), its overrun dropped
+    assert runs[True][2] == runs[False][2] == [3, 3, 3, 3]
     # every row has ended after 4 chunks (the stop rule at 7 tokens); a row ended in the
     # first, so from the second on nothing is sent ahead and no chunk is wasted
     assert runs[False][3] == runs[True][3] == [2] * 4
