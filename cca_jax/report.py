@@ -156,7 +156,11 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
         for k, v in t.items():  # the training loop's own split (this process's part of it)
             loop = v.get("loop") if isinstance(v, dict) else None
             if loop:
-                lines += ["", f"{k}: steps {loop['steps']:.1f} s, val evaluations {loop['val_eval']:.1f} s, "
+                def part(name, label):
+                    sp = loop.get(f"{name}_split")
+                    how = f" (compile {sp['compile']:.1f}, device {sp['device']:.1f}, host {sp['host']:.1f})" if sp else ""
+                    return f"{label} {loop[name]:.1f} s{how}"
+                lines += ["", f"{k}: {part('steps', 'steps')}, {part('val_eval', 'val evaluations')}, "
                               f"checkpoints {loop['checkpoints']:.1f} s"]
     for f in files or []:
         rel = Path(f).relative_to(run_dir) if Path(f).is_relative_to(run_dir) else Path(f)

@@ -49,6 +49,18 @@ class Account:
     # and compiling]: which programs a stage's compile time goes to
     programs: dict = dataclasses.field(default_factory=dict)
 
+    def add(self, other: "Account") -> None:
+        """Sum ``other``'s seconds and counts into this one (the parts of a loop)."""
+        self.wall += other.wall
+        self.compile += other.compile
+        self.compiles += other.compiles
+        self.cache_hits += other.cache_hits
+        self.device += other.device
+
+    def split(self) -> dict:
+        return {"compile": round(self.compile, 3), "device": round(self.device, 3),
+                "host": round(max(self.wall - self.compile - self.device, 0.0), 3)}
+
     def to_json(self) -> dict:
         host = max(self.wall - self.compile - self.device, 0.0)
         top = sorted(self.programs.items(), key=lambda kv: -kv[1][1])[:TOP_PROGRAMS]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 
-from cca_jax import atomic, stages
+from cca_jax import atomic, stages, timing
 from cca_jax import mesh as mesh_lib
 
 
@@ -63,7 +63,8 @@ class LoopResult:
     seconds: float
     # this call's wall seconds in the training steps, the val evaluations and the checkpoint
     # commits (each including the device work it waited for; for checkpoints the time the
-    # loop was blocked: the host copy and any wait for an earlier save): where a stage's time goes
+    # loop was blocked: the host copy and any wait for an earlier save): where a stage's time
+    # goes; "steps_split" / "val_eval_split": their compile, device and host seconds
     parts: dict = dataclasses.field(default_factory=dict)
 
 
@@ -232,20 +233,23 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
 
         bar = tqdm(total=trainer.steps, initial=step, desc=trainer.name, unit="step")
     parts = {"steps": 0.0, "val_eval": 0.0, "checkpoints": 0.0}
+    split = {"steps": timing.Account(), "val_eval": timing.Account()}  # their compile / device / host
     try:
         while step < trainer.steps:
-            t = time.perf_counter()
-            master, opt_state, rec = trainer.step(master, opt_state, step)
-            parts["steps"] += time.perf_counter() - t
+            with timing.account() as acc:
+                master, opt_state, rec = trainer.step(master, opt_state, step)
+            split["steps"].add(acc)
+            parts["steps"] += acc.wall
             step += 1
             rec = {"step": step, **rec}
             if trainer.is_eval_step(step) or step == trainer.steps:
                 if evaluate is None:  # no selection: the last step is the result
                     new_best = step == trainer.steps
                 else:
-                    t = time.perf_counter()
-                    rec["val_accuracy"] = float(evaluate(trainer.working_params(master), step))
-                    parts["val_eval"] += time.perf_counter() - t
+                    with timing.account() as acc:
+                        rec["val_accuracy"] = float(evaluate(trainer.working_params(master), step))
+                    split["val_eval"].add(acc)
+                    parts["val_eval"] += acc.wall
                     new_best = rec["val_accuracy"] > state["best_val"]
                 history.append(rec)
                 if new_best:
@@ -289,4 +293,5 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
                                 _retry=True)
     return LoopResult(best, int(state["best_step"]), state["best_val"], history,
                       float(state["seconds"]) + time.perf_counter() - t_start,
-                      {k: round(v, 3) for k, v in parts.items()})
+                      {**{k: round(v, 3) for k, v in parts.items()},
+                       **{f"{k}_split": a.split() for k, a in split.items() if a.wall > 0}})

@@ -219,8 +219,12 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
     # amplification's own split: the steps, the val evaluation at step 2, the checkpoint
     for t in (cold, warm):
         loop = t["amplify"]["loop"]
-        assert set(loop) == {"steps", "val_eval", "checkpoints"} and min(loop.values()) > 0
-        assert sum(loop.values()) <= t["amplify"]["total"] + 0.01
+        assert set(loop) == {"steps", "val_eval", "checkpoints", "steps_split", "val_eval_split"}
+        secs = [loop[k] for k in ("steps", "val_eval", "checkpoints")]
+        assert min(secs) > 0 and sum(secs) <= t["amplify"]["total"] + 0.01
+        for k in ("steps", "val_eval"):  # each part's own compile / device / host
+            assert abs(sum(loop[f"{k}_split"].values()) - loop[k]) < 0.01, loop
+    assert cold["amplify"]["loop"]["steps_split"]["compile"] > 0  # the first step compiles the gradient
     assert "amplify: steps " in (tmp_path / "cold" / "report.md").read_text()
     # which programs the compile time went to: DCM's step and prefix cache, by name; a warm
     # cache compiles none of them (cache hits are not counted as compiles)
