@@ -163,9 +163,10 @@ c9start() {
   mkdir -p /tmp/bg && : > /tmp/bg/status
   local ctl="python3 -m cca_jax.cli sweep $Q --vary localize=dcm,random --vary method=cca,sft_full \
     --set dcm.target_fraction=0.015 --out /tmp/controls"
-  bgrun c0 0 "$ctl --seeds 0"
-  bgrun c1 1 "$ctl --seeds 1"
-  bgrun c2 0 "$ctl --seeds 2"
+  # 0.3 of a GPU each: full fine-tuning's step ran out of memory at 0.18 (ninth session)
+  MEMF=0.3 bgrun c0 0 "$ctl --seeds 0"
+  MEMF=0.3 bgrun c1 1 "$ctl --seeds 1"
+  MEMF=0.3 bgrun c2 0 "$ctl --seeds 2"
   bgrun size 1 "python3 -m cca_jax.cli sweep $Q --seeds 0 --vary dcm.target_fraction=0.005,0.03,0.06 --out /tmp/sizecurve"
   bgrun q1 1 "QWEN_WHICH=one QWEN_GPU=0 QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q1"
   bgrun q2 0,1 "QWEN_WHICH=two QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q2"
