@@ -127,6 +127,13 @@ def seconds_per_stage(summary: dict) -> str:
     return ", ".join(f"{k} {_total(v):.0f}" for k, v in summary.get("timings_seconds", {}).items())
 
 
+def _loop_part(loop: dict, name: str, label: str) -> str:
+    """A train loop part's seconds, with its compile / device / host split when recorded."""
+    sp = loop.get(f"{name}_split")
+    how = f" (compile {sp['compile']:.1f}, device {sp['device']:.1f}, host {sp['host']:.1f})" if sp else ""
+    return f"{label} {loop[name]:.1f} s{how}"
+
+
 def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None) -> Path:
     """``run_dir/report.md``: the before/after table, timings and the plots."""
     run_dir = Path(run_dir)
@@ -156,12 +163,8 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
         for k, v in t.items():  # the training loop's own split (this process's part of it)
             loop = v.get("loop") if isinstance(v, dict) else None
             if loop:
-                def part(name, label):
-                    sp = loop.get(f"{name}_split")
-                    how = f" (compile {sp['compile']:.1f}, device {sp['device']:.1f}, host {sp['host']:.1f})" if sp else ""
-                    return f"{label} {loop[name]:.1f} s{how}"
-                lines += ["", f"{k}: {part('steps', 'steps')}, {part('val_eval', 'val evaluations')}, "
-                              f"checkpoints {loop['checkpoints']:.1f} s"]
+                lines += ["", f"{k}: {_loop_part(loop, 'steps', 'steps')}, "
+                              f"{_loop_part(loop, 'val_eval', 'val evaluations')}, checkpoints {loop['checkpoints']:.1f} s"]
     for f in files or []:
         rel = Path(f).relative_to(run_dir) if Path(f).is_relative_to(run_dir) else Path(f)
         lines += ["", f"![{rel.stem}]({rel.as_posix()})"]

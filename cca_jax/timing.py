@@ -58,14 +58,15 @@ class Account:
         self.device += other.device
 
     def split(self) -> dict:
+        """Seconds compiling, waiting for the device, and the host's own (the rest)."""
         return {"compile": round(self.compile, 3), "device": round(self.device, 3),
                 "host": round(max(self.wall - self.compile - self.device, 0.0), 3)}
 
     def to_json(self) -> dict:
-        host = max(self.wall - self.compile - self.device, 0.0)
         top = sorted(self.programs.items(), key=lambda kv: -kv[1][1])[:TOP_PROGRAMS]
-        return {"total": round(self.wall, 3), "compile": round(self.compile, 3), "compiles": self.compiles,
-                "cache_hits": self.cache_hits, "device": round(self.device, 3), "host": round(host, 3),
+        sp = self.split()
+        return {"total": round(self.wall, 3), "compile": sp["compile"], "compiles": self.compiles,
+                "cache_hits": self.cache_hits, "device": sp["device"], "host": sp["host"],
                 "peak_bytes_per_device": self.peak_bytes, "memory": self.memory,
                 "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001}}
 

@@ -232,14 +232,13 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
         from tqdm.auto import tqdm
 
         bar = tqdm(total=trainer.steps, initial=step, desc=trainer.name, unit="step")
-    parts = {"steps": 0.0, "val_eval": 0.0, "checkpoints": 0.0}
-    split = {"steps": timing.Account(), "val_eval": timing.Account()}  # their compile / device / host
+    parts = {"steps": timing.Account(), "val_eval": timing.Account()}  # seconds, and their compile / device / host
+    blocked = 0.0  # on checkpoint commits
     try:
         while step < trainer.steps:
             with timing.account() as acc:
                 master, opt_state, rec = trainer.step(master, opt_state, step)
-            split["steps"].add(acc)
-            parts["steps"] += acc.wall
+            parts["steps"].add(acc)
             step += 1
             rec = {"step": step, **rec}
             if trainer.is_eval_step(step) or step == trainer.steps:
@@ -248,8 +247,7 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
                 else:
                     with timing.account() as acc:
                         rec["val_accuracy"] = float(evaluate(trainer.working_params(master), step))
-                    split["val_eval"].add(acc)
-                    parts["val_eval"] += acc.wall
+                    parts["val_eval"].add(acc)
                     new_best = rec["val_accuracy"] > state["best_val"]
                 history.append(rec)
                 if new_best:
@@ -260,7 +258,7 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
                     "best": "this" if new_best else state["best"],
                     "seconds": float(state["seconds"]) + time.perf_counter() - t_start},
                     final=step == trainer.steps)
-                parts["checkpoints"] += time.perf_counter() - t
+                blocked += time.perf_counter() - t
                 t_start = time.perf_counter()
             else:
                 history.append(rec)
@@ -273,7 +271,7 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
                 on_step(step)
         t = time.perf_counter()
         ckpt.flush()  # the last save whole and pointed at before the best master is read back
-        parts["checkpoints"] += time.perf_counter() - t
+        blocked += time.perf_counter() - t
     except BaseException:
         ckpt.settle()  # never a thread writing here after the loop; never a pointer at a partial save
         raise
@@ -293,5 +291,5 @@ def train_and_select(trainer: Trainer, evaluate: Callable[[Any, int], float] | N
                                 _retry=True)
     return LoopResult(best, int(state["best_step"]), state["best_val"], history,
                       float(state["seconds"]) + time.perf_counter() - t_start,
-                      {**{k: round(v, 3) for k, v in parts.items()},
-                       **{f"{k}_split": a.split() for k, a in split.items() if a.wall > 0}})
+                      {**{k: round(a.wall, 3) for k, a in parts.items()}, "checkpoints": round(blocked, 3),
+                       **{f"{k}_split": a.split() for k, a in parts.items() if a.wall > 0}})
