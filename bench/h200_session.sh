@@ -153,6 +153,8 @@ controls() {
 #          the 0.015 point is the controls' DCM run)
 #   issue 20: the float32 Qwen demo run on GPU 1 and on both GPUs (tp=2), then compared
 Q="configs/qwen2.5-coder-0.5b.yaml --quiet --set model=$GGUF --set data.templates=.devdata/templates"
+CONTROLS="--vary localize=dcm,random --vary method=cca,sft_full --set dcm.target_fraction=0.015 --out /tmp/controls"
+SIZES="--seeds 0 --vary dcm.target_fraction=0.005,0.03,0.06 --out /tmp/sizecurve"
 bgrun() {  # NAME GPU(S) COMMAND...: in the background, detached, log in /tmp/bg/NAME.log
   local name=$1 gpus=$2; shift 2
   setsid nohup env CUDA_VISIBLE_DEVICES=$gpus XLA_PYTHON_CLIENT_MEM_FRACTION=${MEMF:-0.18} bash -c \
@@ -161,15 +163,13 @@ bgrun() {  # NAME GPU(S) COMMAND...: in the background, detached, log in /tmp/bg
 c9start() {
   prep || exit 2
   mkdir -p /tmp/bg && : > /tmp/bg/status
-  local ctl="python3 -m cca_jax.cli sweep $Q --vary localize=dcm,random --vary method=cca,sft_full \
-    --set dcm.target_fraction=0.015 --out /tmp/controls"
+  local ctl="python3 -m cca_jax.cli sweep $Q $CONTROLS"
   # 0.3 of a GPU each: full fine-tuning's step ran out of memory at 0.18 (ninth session)
   MEMF=0.3 bgrun c0 0 "$ctl --seeds 0"
   MEMF=0.3 bgrun c1 1 "$ctl --seeds 1"
   MEMF=0.3 bgrun c2 0 "$ctl --seeds 2"
-  bgrun size 1 "python3 -m cca_jax.cli sweep $Q --seeds 0 --vary dcm.target_fraction=0.005,0.03,0.06 --out /tmp/sizecurve"
-  bgrun q1 1 "QWEN_WHICH=one QWEN_GPU=0 QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q1"
-  bgrun q2 0,1 "QWEN_WHICH=two QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q2"
+  bgrun size 1 "python3 -m cca_jax.cli sweep $Q $SIZES"
+  q20_start
   sleep 60; c9report
 }
 c9report() {
@@ -182,30 +182,31 @@ c9wait() {
   local limit=${1:-540} t=0
   while [ $t -lt "$limit" ] && [ "$(wc -l < /tmp/bg/status)" -lt 6 ]; do sleep 10; t=$((t + 10)); done
   c9report
-  if grep -q "q1 rc 0" /tmp/bg/status && grep -q "q2 rc 0" /tmp/bg/status; then
-    QWEN_WHICH=none QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen" 2>&1 | tail -n 3
-    for n in one two; do mkdir -p "$OUT/qwen_$n" && cp /tmp/mesh_perf_qwen/qwen_$n/summary.json "$OUT/qwen_$n/"; done
-  fi
-  python3 -m cca_jax.cli sweep $Q --seeds 0,1,2 --vary localize=dcm,random --vary method=cca,sft_full \
-    --set dcm.target_fraction=0.015 --out /tmp/controls --aggregate-only 2>&1 | tail -n 20
-  python3 -m cca_jax.cli sweep $Q --seeds 0 --vary dcm.target_fraction=0.005,0.03,0.06 --out /tmp/sizecurve \
-    --aggregate-only 2>&1 | tail -n 8
+  if grep -q "q1 rc 0" /tmp/bg/status && grep -q "q2 rc 0" /tmp/bg/status; then q20_compare; fi
+  python3 -m cca_jax.cli sweep $Q $CONTROLS --seeds 0,1,2 --aggregate-only 2>&1 | tail -n 20
+  python3 -m cca_jax.cli sweep $Q $SIZES --aggregate-only 2>&1 | tail -n 8
   tar --exclude='ckpt-*' --exclude='amplified' --exclude='finetuned' -czf "$OUT/controls.tgz" -C /tmp controls sizecurve bg \
     && ls -la "$OUT/controls.tgz"
 }
 
 # issue 20's check alone (~5 minutes after prep): the float32 demo run on one GPU and on two
 # (tp=2) at the same time, then compared (summary fields, examples.jsonl, mask.npz)
+q20_start() {  # the one-GPU and the two-GPU run, in the background
+  bgrun q1 1 "QWEN_WHICH=one QWEN_GPU=0 QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q1"
+  bgrun q2 0,1 "QWEN_WHICH=two QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q2"
+}
+q20_compare() {
+  QWEN_WHICH=none QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen" 2>&1 | tail -n 3
+  for n in one two; do mkdir -p "$OUT/qwen_$n" && cp /tmp/mesh_perf_qwen/qwen_$n/summary.json "$OUT/qwen_$n/"; done
+}
 eq20() {
   prep || exit 2
   mkdir -p /tmp/bg && : > /tmp/bg/status && rm -rf /tmp/mesh_perf_qwen
-  MEMF=0.4 bgrun q1 1 "QWEN_WHICH=one QWEN_GPU=0 QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q1"
-  MEMF=0.4 bgrun q2 0,1 "QWEN_WHICH=two QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out /tmp/bg/q2"
+  MEMF=0.4 q20_start
   local t=0
   while [ $t -lt "${EQ_LIMIT:-480}" ] && [ "$(wc -l < /tmp/bg/status)" -lt 2 ]; do sleep 5; t=$((t + 5)); done
   cat /tmp/bg/status; tail -n 4 /tmp/bg/q1.log /tmp/bg/q2.log
-  QWEN_WHICH=none QWEN_GGUF=$GGUF python3 bench/mesh_perf.py --only qwen --out "$OUT/qwen" 2>&1 | tail -n 3
-  for n in one two; do mkdir -p "$OUT/qwen_$n" && cp /tmp/mesh_perf_qwen/qwen_$n/summary.json "$OUT/qwen_$n/"; done
+  q20_compare
 }
 
 case "${1:-}" in
