@@ -150,7 +150,10 @@ def _flops_train_step(cfg, B: int, T: int, targets=("q", "k", "v", "up")) -> flo
     return fwd + bwd_x + bwd_w
 
 
-def part_dcm(name: str) -> dict:
+def part_dcm(name: str, unroll: bool = True) -> dict:
+    """A DCM step as dcm.train_mask runs it: ``unroll`` over per-layer weights (the step's
+    speed), or scanned over the stacked weights and caches (the default since the tenth
+    session: one layer to compile); ``first_step_s`` is the first call, compile included."""
     import jax
     import jax.numpy as jnp
 
@@ -158,7 +161,7 @@ def part_dcm(name: str) -> dict:
     from cca_jax.model.transformer import unstack_layers
 
     model = _model(name)
-    cfg, params = model.config, unstack_layers(model.params())  # as dcm.train_mask runs it
+    cfg, params = model.config, (unstack_layers(model.params()) if unroll else model.params())
     del model
     k = jax.random.split(jax.random.key(0), 3)
     tokens = _random_tokens(k[0], (BATCH, SEQ), cfg.vocab_size)
@@ -168,6 +171,8 @@ def part_dcm(name: str) -> dict:
     t_cache = _median_time(lambda: dcm.prefix_cache(cfg, params, tokens, mask), warm=1, reps=5)
     # as train_mask runs: every step on another batch's cache (ROTATE batches, cached once)
     caches = [dcm.prefix_cache(cfg, params, jnp.roll(tokens, i, axis=0), mask) for i in range(ROTATE)]
+    if not unroll:
+        caches = [c.stacked() for c in caches]
     cache = caches[0]
     config = dcm.DCMConfig()
     opt = dcm.make_optimizer(config, DCM_BATCHES)
@@ -184,13 +189,16 @@ def part_dcm(name: str) -> dict:
         holder["m"], holder["state"] = out[0], out[1]
         return out[2]
 
+    t = time.perf_counter()
+    jax.block_until_ready(step())
+    first = time.perf_counter() - t
     t_step = _median_time(step, warm=3, reps=20)
     t_same = _median_time(lambda: step(rotate=False), warm=3, reps=20)
     # fewest bytes: weights read in the forward and again in the backward, the cached
     # keys/values read twice too
     kv_bytes = _tree_bytes((cache.k, cache.v))
     w_bytes = _tree_bytes(params)
-    return {"dcm_step_s": t_step, "dcm_step_same_batch_s": t_same, "cache_batch_s": t_cache,
+    return {"dcm_step_s": t_step, "dcm_step_same_batch_s": t_same, "cache_batch_s": t_cache, "first_step_s": first,
             "dcm_step_amortised_1_epoch_s": t_step + t_cache,
             "dcm_step_amortised_50_epochs_s": t_step + t_cache / DCM_EPOCHS,
             "dcm_step_bytes_floor": 2 * (w_bytes + kv_bytes), "peak_GiB": _peak_gib()}
@@ -418,6 +426,7 @@ def _matmul_params(cfg) -> int:
 PARTS = {
     "limits": lambda n: part_limits(n),
     "dcm": lambda n: part_dcm(n),
+    "dcm_scan": lambda n: part_dcm(n, unroll=False),
     "amplify": lambda n: part_amplify(n, remat=False),
     "amplify_remat": lambda n: part_amplify(n, remat=True),
     **{f"amplify_{k}": (lambda n, k=k: part_amplify(n, remat=k)) for k in ("dots", "qkv_mlp", "qkv_mlp_out")},
@@ -485,6 +494,12 @@ def report(r: dict) -> str:
             _ratio(b, d["dcm_step_amortised_50_epochs_s"]), None, "")
     elif "dcm" in r:
         row("DCM mask step (s)", base.get("dcm_step_s_masks_only"), d.get("error"), None, None)
+    ds = r.get("dcm_scan", {})
+    if "dcm_step_s" in ds:
+        b = base.get("dcm_step_s_masks_only")
+        row(f"DCM mask step, layers scanned (s), {ROTATE} batches in turn", b, ds["dcm_step_s"],
+            _ratio(b, ds["dcm_step_s"]), None,
+            f"first call (compile) {_fmt(ds.get('first_step_s'), '.1f')} s vs unrolled {_fmt(d.get('first_step_s'), '.1f')} s")
     labels = {"amplify": "amplification grad step, no remat (s)", "amplify_remat": "amplification grad step, full remat (s)",
               "amplify_dots": "amplification grad step, remat dots (s)",
               "amplify_qkv_mlp": "amplification grad step, remat qkv_mlp (s)",

@@ -209,6 +209,36 @@ eq20() {
   q20_compare
 }
 
+# ---- tenth session (issues 20, 21): three calls on nvidia-h200-x2 after the GGUF carry
+# t10a: prep; the side-by-side setup (CPU, background); DCM step benchmarks, unrolled and
+#       scanned (GPU 0, background); issue 20's one-vs-two-GPU check (eq20, foreground)
+# t10b: the 10-template Qwen run cold, alone on the machine (GPU 0)
+# t10c: cca_jax's half of the side-by-side subset (cold, then warm cache; GPU 1) beside the
+#       10-template run again on the cold run's compilation cache (GPU 0)
+t10a() {
+  prep || exit 2
+  mkdir -p /tmp/bg && : > /tmp/bg/status
+  setsid nohup bash -c "bash bench/original/side_by_side.sh setup > /tmp/bg/setup.log 2>&1; echo setup rc \$? >> /tmp/bg/status" \
+    > /dev/null 2>&1 < /dev/null &
+  setsid nohup env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 bash -c \
+    "python3 bench/gpu_perf.py --only dcm,dcm_scan --out /tmp/bg/perf > /tmp/bg/perf.log 2>&1; echo perf rc \$? >> /tmp/bg/status" \
+    > /dev/null 2>&1 < /dev/null &
+  eq20
+  local t=0
+  while [ $t -lt 120 ] && [ "$(grep -c -E 'setup|perf' /tmp/bg/status)" -lt 2 ]; do sleep 5; t=$((t + 5)); done
+  cat /tmp/bg/status; tail -n 4 /tmp/bg/setup.log; tail -n 30 /tmp/bg/perf.log
+  mkdir -p "$OUT/perf" && cp -r /tmp/bg/perf/. "$OUT/perf/" 2>/dev/null; true
+}
+t10b() {
+  Q10_DIR=/tmp/q10 Q10_LIMIT=${B1:-560} bash "$0" qwen10 0
+}
+t10c() {
+  (Q10_DIR=/tmp/q10w Q10_CACHE=/tmp/q10.cache Q10_LIMIT=${B1:-540} bash "$0" qwen10 0 > /tmp/bg/q10w.log 2>&1) &
+  CUDA_VISIBLE_DEVICES=1 SKIP=orig timeout "${B1:-540}" bash bench/original/side_by_side.sh run 2>&1 | tail -n 30
+  wait
+  echo "== warm 10-template run"; cat /tmp/bg/q10w.log
+}
+
 case "${1:-}" in
   prep) prep ;;
   sbs) sbs ;;
@@ -223,5 +253,8 @@ case "${1:-}" in
   c9start) c9start ;;
   c9wait) c9wait "${2:-540}" ;;
   eq20) eq20 ;;
+  t10a) t10a ;;
+  t10b) t10b ;;
+  t10c) t10c ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -325,9 +325,10 @@ class CacheSharding:
     data: tuple
     heads: str | None
 
-    def kv(self) -> NamedSharding:
+    def kv(self, stacked: bool = False) -> NamedSharding:
+        """One buffer's layout; ``stacked``: of (L, B, KV, S, Dh) (``KVCache.stacked``)."""
         d = self.data if len(self.data) > 1 else (self.data[0] if self.data else None)
-        return NamedSharding(self.mesh, P(d, self.heads, None, None))
+        return NamedSharding(self.mesh, P(*([None] if stacked else []), d, self.heads, None, None))
 
     def pos(self) -> NamedSharding:
         d = self.data if len(self.data) > 1 else (self.data[0] if self.data else None)
@@ -355,9 +356,12 @@ def constrain_cache(cache, sharding: CacheSharding | None):
     if sharding is None:
         return cache
     wsc = jax.lax.with_sharding_constraint
-    return cache.replace(k=tuple(wsc(x, sharding.kv()) for x in cache.k),
-                         v=tuple(wsc(x, sharding.kv()) for x in cache.v),
-                         pos=wsc(cache.pos, sharding.pos()), index=wsc(cache.index, sharding.scalar()))
+
+    def kv(c):
+        return tuple(wsc(x, sharding.kv()) for x in c) if isinstance(c, (tuple, list)) else wsc(c, sharding.kv(True))
+
+    return cache.replace(k=kv(cache.k), v=kv(cache.v), pos=wsc(cache.pos, sharding.pos()),
+                         index=wsc(cache.index, sharding.scalar()))
 
 
 def onto_mesh(tree, mesh: Mesh | None):

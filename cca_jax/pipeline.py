@@ -330,7 +330,9 @@ def _circuit(r: _Run, loc_key, examples):
     cfg = r.config
     method_cfg = {"dcm": cfg.dcm, "random": cfg.random}.get(cfg.localize, cfg.patching)
     like = [] if cfg.localize != "random" or cfg.random.like is None else [_like_mask(cfg.random.like)]
-    key = digest([loc_key, cfg.localize, dataclasses.asdict(method_cfg)]
+    # unroll changes how DCM's step compiles, not what it computes (as amplify's)
+    fields = {k: v for k, v in dataclasses.asdict(method_cfg).items() if k != "unroll"}
+    key = digest([loc_key, cfg.localize, fields]
                  + [{k: np.asarray(v).tolist() for k, v in m.items()} for m in like])
     d = r.stages.dir("circuit")
     with r.stage("circuit", key) as todo:

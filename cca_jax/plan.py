@@ -214,17 +214,24 @@ def plan_generate(cfg, dtype, mesh, stored, layout, w: Workload, weights_bytes: 
     return StagePlan("generate", mesh_lib.layout_of(params), resident, progs)
 
 
-def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool = False) -> StagePlan:
-    """DCM: every batch's prefix cache, then one-token mask steps on the per-layer weights."""
+def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool = False,
+             unroll: bool = False) -> StagePlan:
+    """DCM: every batch's prefix cache, then one-token mask steps scanned over the stacked
+    weights, or (``unroll``) unrolled over per-layer ones (``DCMConfig.unroll``)."""
     from cca_jax.cca import components, dcm
 
     params, copy = _layout_params(stored, cfg, dtype, mesh, layout)
-    layers = _per_layer(params)
+    layers = _per_layer(params) if unroll else params
     B, T = w.dcm_batch, w.pivot_len
     n_b = -(-w.examples // B)
     whole = mesh_lib.whole_rows(params)  # as dcm.train_mask places its batches
     cs = mesh_lib.cache_sharding(params, B, cfg.num_kv_heads, whole)
     cache = _cache(cfg, B, T, dtype, cs, mesh)
+    if not unroll:  # dcm.prefix_caches(stacked=True): one (L, B, KV, S, Dh) array each
+        kv = cache.k[0]
+        one = jax.ShapeDtypeStruct((cfg.num_layers, *kv.shape), kv.dtype,
+                                   sharding=(cs or mesh_lib.CacheSharding(mesh, (), None)).kv(True))
+        cache = cache.replace(k=one, v=one)
     toks = _rows((B, T), jnp.int32, params, whole=whole)
     mask = _rows((B, T), jnp.bool_, params, whole=whole)
     vec = _rows((B,), jnp.int32, params, whole=whole)
@@ -232,14 +239,14 @@ def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool
     opt = dcm.make_optimizer(c, n_b)
     m = _replicated(jax.eval_shape(lambda: components.full(cfg, 1.0)), mesh)
     state = _like(jax.eval_shape(opt.init, m), m, mesh)
-    progs = [_program("prefix_cache", dcm.placed_prefix_cache, cfg, params, toks, mask, cs),
+    progs = [_program("prefix_cache", dcm.placed_prefix_cache, cfg, params, toks, mask, cs, not unroll),
              _program("mask_step", dcm.mask_step, cfg, opt, jnp.float32(c.reg), c.mode, layers, m, state, cache,
                       vec, vec, vec, donated=device_bytes((m, state)))]
     caches = device_bytes(cache) * (1 if caches_on_host else n_b)  # on the host: one batch's at a time (two)
     if caches_on_host:
         caches *= 2
-    resident = {"weights": device_bytes(stored), "layout_copy": copy, "per_layer_weights": device_bytes(layers),
-                "prefix_caches": caches, "mask_and_adam": device_bytes((m, state))}
+    resident = {"weights": device_bytes(stored), "layout_copy": copy,
+                "per_layer_weights": device_bytes(layers) if unroll else 0, "prefix_caches": caches, "mask_and_adam": device_bytes((m, state))}
     return StagePlan("dcm", mesh_lib.layout_of(params), resident, progs)
 
 
@@ -389,7 +396,8 @@ def _plans_one(cfg, dtype, mesh, config, w, limit, full_cfg, layout_dtype=None) 
     out = [plan_generate(cfg, dtype, mesh, stored, lay("generate"), w)]
     if config.method == "cca":
         out.append(plan_dcm(cfg, dtype, mesh, stored, lay("dcm"), w,
-                            caches_on_host=_caches_on_host(mc.dcm_cache, full_cfg, layout_dtype, mesh, w, limit)))
+                            caches_on_host=_caches_on_host(mc.dcm_cache, full_cfg, layout_dtype, mesh, w, limit),
+                            unroll=config.dcm.unroll))
         out += plan_amplify(cfg, dtype, mesh, stored, lay("train"), w, config.amplify, lay("generate"))
     else:
         out += plan_sft(cfg, dtype, mesh, stored, lay("train"), w, config.sft, config.method, lay("generate"))

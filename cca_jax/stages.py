@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cca_jax import atomic, paths
@@ -225,8 +226,13 @@ def load_trees(path: Path, templates: dict) -> dict:
     ``templates`` (arrays or ShapeDtypeStructs)."""
     import orbax.checkpoint as ocp
 
+    def placed(x) -> bool:  # committed to a device or a mesh, rather than on the default device
+        return getattr(x, "sharding", None) is not None and getattr(x, "committed", True)
+
     def abstract(x):
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+        if placed(x):
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding)
+        return np.empty(np.shape(x), x.dtype)  # read to the host (pages never touched until then)
 
     out = {}
     for name, t in templates.items():
@@ -235,6 +241,10 @@ def load_trees(path: Path, templates: dict) -> dict:
             out[name] = t
             continue
         got = ocp.StandardCheckpointer().restore(Path(path).absolute() / name, {k: abstract(x) for k, x in flat.items()})
+        # unplaced leaves come back uncommitted, like the arrays the run computes: JAX
+        # compiles a program separately for committed and uncommitted arguments, so restored
+        # weights (the best step's, the test evaluation's) reuse the programs compiled before
+        got = {k: v if placed(flat[k]) else jnp.asarray(v) for k, v in got.items()}
         out[name] = unflatten(got, t)
     return out
 

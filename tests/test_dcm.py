@@ -90,6 +90,25 @@ def test_a_second_train_mask_with_the_same_settings_compiles_no_step(hf_dirs):
     assert acc.compiles == 0
 
 
+@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
+def test_scanned_and_unrolled_steps_learn_the_same_mask(hf_dirs, family):
+    """dcm.unroll picks how the step compiles (layers scanned over stacked weights and
+    caches, or unrolled over per-layer ones), not what it computes."""
+    _, d = hf_dirs[family]
+    model, _ = cca_jax.load_model(d)
+    runs = [dcm.train_mask(model, examples(12), dcm.DCMConfig(reg=0.05, batch_size=4, epochs=6, lr=0.05,
+                                                               unroll=unroll), progress=False)
+            for unroll in (False, True)]
+    scanned, unrolled = runs
+    assert [h["kept"] for h in scanned.history] == [h["kept"] for h in unrolled.history]
+    assert min(h["kept"] for h in scanned.history) < components.total(model.config)  # it learned something
+    np.testing.assert_allclose([h["loss"] for h in scanned.history], [h["loss"] for h in unrolled.history],
+                               rtol=1e-5)
+    for k in scanned.m:
+        np.testing.assert_allclose(scanned.m[k], unrolled.m[k], atol=1e-5)
+        assert (scanned.mask[k] == unrolled.mask[k]).all()
+
+
 def test_fixed_early_stop_waits_for_a_stable_epoch(hf_dirs):
     _, d = hf_dirs["llama"]
     model, _ = cca_jax.load_model(d)

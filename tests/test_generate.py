@@ -102,6 +102,25 @@ def test_a_budget_that_is_not_a_whole_number_of_chunks_compiles_no_second_decode
     assert ten == [t[:10] for t in twelve] and all(len(t) == 10 for t in ten)
 
 
+def test_weights_read_back_from_a_checkpoint_reuse_the_programs_of_the_loaded_ones(hf_dirs, tmp_path):
+    """Trained weights come back from orbax committed to their device; the loaded ones reach
+    the same programs: the test evaluation after training compiles nothing new."""
+    from cca_jax import stages, timing
+
+    _, d = hf_dirs["qwen2"]
+    model, _ = cca_jax.load_model(d)
+    fresh = model.with_params(jax.tree.map(lambda x: x * 1, model.params()))  # jit outputs
+    prompts = tiny.prompt_batch(4, seed=9)
+    kw = {"eos_token_id": [], "chunk": 4, "share_prefix": False}
+    want = generate(fresh, prompts, 6, **kw)
+    stages.save_trees(tmp_path / "ckpt", {"p": model.params()})
+    back = stages.load_trees(tmp_path / "ckpt", {"p": jax.eval_shape(model.params)})["p"]
+    with timing.account() as acc:
+        got = generate(model.with_params(back), prompts, 6, **kw)
+    assert got == want
+    assert acc.compiles == 0, acc.programs
+
+
 def test_batches_and_order(hf_dirs):
     _, d = hf_dirs["qwen2"]
     model, _ = cca_jax.load_model(d)

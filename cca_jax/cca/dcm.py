@@ -54,6 +54,11 @@ class DCMConfig:
     target_fraction: float | None = None
     target_tolerance: float = 0.2
     target_max_runs: int = 8
+    # run each step's layers unrolled over per-layer weights rather than scanned: faster
+    # steps, but the step compiles every layer (on an H200, Qwen2.5-0.5B's 24 layers: ~45 s
+    # to compile against ~1 s for all its steps); the same computation either way (up to
+    # float rounding)
+    unroll: bool = False
 
     def __post_init__(self):
         v = validate
@@ -146,21 +151,23 @@ def patience_for(batches_per_epoch: int, early_stop: str = "reference") -> int:
     return int(0.2 * batches_per_epoch)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sharding"))
-def placed_prefix_cache(cfg: ModelConfig, params, tokens, mask, sharding):
-    return mesh_lib.constrain_cache(prefix_cache(cfg, params, tokens, mask), sharding)
+@functools.partial(jax.jit, static_argnames=("cfg", "sharding", "stacked"))
+def placed_prefix_cache(cfg: ModelConfig, params, tokens, mask, sharding, stacked: bool = False):
+    cache = prefix_cache(cfg, params, tokens, mask)
+    return mesh_lib.constrain_cache(cache.stacked() if stacked else cache, sharding)
 
 
-def prefix_caches(cfg, params, bs, on_host: bool = False):
+def prefix_caches(cfg, params, bs, on_host: bool = False, stacked: bool = False):
     """Each batch's prefix cache; on a mesh laid out like the weights (KV heads over tp,
     rows over the data axis, or whole on every device when the weights are replicated:
-    ``mesh.whole_rows``); ``on_host``: parked in host memory, streamed in per step."""
+    ``mesh.whole_rows``); ``on_host``: parked in host memory, streamed in per step;
+    ``stacked``: its buffers as one array each, for steps scanned over the layers."""
     out = []
     whole = mesh_lib.whole_rows(params)
     for b in bs:
         cs = mesh_lib.cache_sharding(params, b.tokens.shape[0], cfg.num_kv_heads, whole)
         c = placed_prefix_cache(cfg, params, mesh_lib.rows(b.tokens, params, whole=whole),
-                                mesh_lib.rows(b.mask, params, whole=whole), cs)
+                                mesh_lib.rows(b.mask, params, whole=whole), cs, stacked)
         out.append(mesh_lib.to_memory(c, "pinned_host") if on_host else c)
     return out
 
@@ -188,8 +195,10 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     regroup = config.mode == "reference"
     # every batch padded to one row count (padded rows weigh 0): one compiled step and cache
     bs = make_batches(examples, config.batch_size, config.seed, pad_token_id, pad_rows=True)
-    caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
-    params = mesh_lib.per_layer(model.params())  # per-layer buffers for the steps: see unstack_layers
+    stacked = not config.unroll  # scanned steps (``DCMConfig.unroll``)
+    caches = prefix_caches(cfg, model.params(), bs, caches_on_host, stacked)
+    # stacked weights scan the layers; per-layer buffers (unstack_layers) unroll them
+    params = model.params() if stacked else mesh_lib.per_layer(model.params())
     whole = mesh_lib.whole_rows(model.params())  # replicated weights: one device's program on every device
     n_b = len(bs)
     opt = make_optimizer(config, n_b)
@@ -216,7 +225,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             same = 0
         if regroup and epoch > 0:
             bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id, pad_rows=True)
-            caches = prefix_caches(cfg, model.params(), bs, caches_on_host)
+            caches = prefix_caches(cfg, model.params(), bs, caches_on_host, stacked)
         order = list(range(n_b) if regroup else rng.permutation(n_b))
         ahead = mesh_lib.to_memory(caches[order[0]], "device") if caches_on_host else None
         for i, bi in enumerate(order):

@@ -23,8 +23,10 @@ from cca_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
-    v: tuple[jax.Array, ...]  # per layer (B, KV, S, Dh)
+    # per layer (B, KV, S, Dh); or one (L, B, KV, S, Dh) array (``stacked``: read-only, for
+    # calls of a few tokens scanned over stacked weights)
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     pos: jax.Array  # (B, S) int32 position held by each slot, -1 if none
     # () int32: the next slot to write, shared by every row; or (B,) per row (speculative
     # decoding: rows advance by different amounts), see ``write_rows``
@@ -37,6 +39,13 @@ class KVCache:
     @property
     def size(self) -> int:
         return self.pos.shape[1]
+
+    def stacked(self) -> "KVCache":
+        """The buffers as one (L, B, KV, S, Dh) array each: what a call scanned over stacked
+        weights reads (DCM's steps), stacked once here instead of by every call."""
+        if not isinstance(self.k, (tuple, list)):
+            return self
+        return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
     def next_positions(self) -> jax.Array:
         """(B,) the position the next token of each row takes."""
