@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import json
 import os
 import re
@@ -41,26 +39,6 @@ def _placer(mesh):
         return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
     return put
-
-
-class _Later:
-    def __init__(self, job=None):
-        self.job = job
-
-    def result(self):
-        return None if self.job is None else self.job.result()
-
-
-@contextlib.contextmanager
-def _beside(fn, *args):
-    """``fn(*args)`` (building the tokenizer: Python, holding the GIL) on a thread while the
-    block runs (reading the weights: numpy and I/O, letting go of it); ``.result()`` after
-    the block gives its value or raises its error. ``fn`` None: result None."""
-    if fn is None:
-        yield _Later()
-        return
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        yield _Later(pool.submit(fn, *args))
 
 
 def _gguf_dtype(reader) -> str:
@@ -167,16 +145,16 @@ def load_model(
         cfg = config_lib.from_hf(hf_cfg)
         assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
         dt = _resolve_dtype(dtype, _gguf_dtype(reader) if _is_auto(dtype) else "float32")
-        with _beside(gguf_lib.load_tokenizer if with_tokenizer else None, path, reader) as tok:
-            params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
+        params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
+        tok = gguf_lib.load_tokenizer(path, reader) if with_tokenizer else None
     else:
         cfg, _ = hf_lib.read_config(path)
         files = hf_lib.weight_files(path)
         assemble_lib.check(cfg, hf_lib.tensor_shapes(files), str(path))  # before any allocation
         dt = _resolve_dtype(dtype, hf_lib.stored_dtype(files) if _is_auto(dtype) else "float32")
-        with _beside(hf_lib.load_tokenizer if with_tokenizer else None, path) as tok:
-            params = assemble_lib.assemble(cfg, hf_lib.iter_tensors(files), dt, str(path), put)
-    return Transformer(cfg.replace(attention=attention), rngs=nnx.Rngs(0), params=params), tok.result()
+        params = assemble_lib.assemble(cfg, hf_lib.iter_tensors(files), dt, str(path), put)
+        tok = hf_lib.load_tokenizer(path) if with_tokenizer else None
+    return Transformer(cfg.replace(attention=attention), rngs=nnx.Rngs(0), params=params), tok
 
 
 def export_hf(

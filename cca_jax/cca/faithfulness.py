@@ -2,7 +2,8 @@
 circuit alone carries.
 
 Every component outside the circuit is mean-ablated at the pivotal (last) position, where
-DCM's mask acts: its activation is replaced by its mean over all localization examples.
+DCM's mask acts (so, like DCM's steps, the calls run that position alone on each batch's
+prefix cache): its activation is replaced by its mean over all localization examples.
 The fraction is LD(circuit only) / LD(full model), LD the mean logit difference
 (desired - undesired) over the examples; LD with every component ablated is reported too
 (what the fraction would be for an empty circuit).
@@ -17,29 +18,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cca_jax import mesh as mesh_lib
 from cca_jax import timing
-from cca_jax.cca import components
+from cca_jax.cca import components, dcm
 from cca_jax.cca.examples import LocalizationExample, batches as make_batches
 from cca_jax.config import ModelConfig
 from cca_jax.model.intervention import Intervention
 from cca_jax.model.transformer import forward
 
 
-def _last(tokens):
-    B, T = tokens.shape
-    return jnp.full((B, 1), T - 1), jnp.zeros((B, T), bool).at[:, -1].set(True)
+def _last_token(cfg: ModelConfig, params, cache, last, desired, undesired, **kw):
+    """The last position on top of the batch's prefix cache (exact: what DCM's steps run,
+    sharing its compiled prefix-cache program): (logit differences (B,), the output)."""
+    B = last.shape[0]
+    ids = jnp.concatenate([desired, undesired])  # only the 2B logits read
+    out = forward(cfg, params, last[:, None], cache=cache, at=jnp.zeros((B, 1), jnp.int32), vocab=ids, **kw)
+    lg = out.logits[:, 0].astype(jnp.float32)
+    rows = jnp.arange(B)
+    return lg[rows, rows] - lg[rows, B + rows], out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _clean(cfg: ModelConfig, params, tokens, mask, desired, undesired, weights):
+def _clean(cfg: ModelConfig, params, cache, last, desired, undesired, weights):
     """(weighted sum of the logit differences, per component its weighted sum of
     activations); ``weights`` 0 on padded rows, so they add nothing to either."""
-    at, _ = _last(tokens)
-    out = forward(cfg, params, tokens, mask=mask, at=at, collect=True)
-    lg = out.logits[:, 0].astype(jnp.float32)
-    rows = jnp.arange(tokens.shape[0])
+    ld, out = _last_token(cfg, params, cache, last, desired, undesired, collect=True)
     acts = {k: _row_sum(out.activations[k][:, :, 0].astype(jnp.float32), weights) for k in components.TYPES}
-    return jnp.sum(weights * (lg[rows, desired] - lg[rows, undesired])), acts
+    return jnp.sum(weights * ld), acts
 
 
 def _row_sum(acts, weights):
@@ -48,12 +53,10 @@ def _row_sum(acts, weights):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _ablated(cfg: ModelConfig, params, tokens, mask, desired, undesired, weights, means, keep):
-    at, where = _last(tokens)
-    iv = Intervention(where=where, replace=means, replace_mask={k: ~v for k, v in keep.items()})
-    lg = forward(cfg, params, tokens, mask=mask, at=at, intervention=iv).logits[:, 0].astype(jnp.float32)
-    rows = jnp.arange(tokens.shape[0])
-    return jnp.sum(weights * (lg[rows, desired] - lg[rows, undesired]))
+def _ablated(cfg: ModelConfig, params, cache, last, desired, undesired, weights, means, keep):
+    iv = Intervention(where=jnp.ones((last.shape[0], 1), bool), replace=means,
+                      replace_mask={k: ~v for k, v in keep.items()})
+    return jnp.sum(weights * _last_token(cfg, params, cache, last, desired, undesired, intervention=iv)[0])
 
 
 def faithfulness(model, examples: Sequence[LocalizationExample], mask: dict, batch_size: int = 8,
@@ -62,18 +65,26 @@ def faithfulness(model, examples: Sequence[LocalizationExample], mask: dict, bat
     cfg, params = model.config, model.params()
     # padded to one row count (weight 0 on the added rows): one program per function
     bs = make_batches(examples, batch_size, seed=0, pad=pad_token_id, pad_rows=True)
-    args = [tuple(jnp.asarray(x) for x in (b.tokens, b.mask, b.desired, b.undesired, b.weights)) for b in bs]
+    whole = mesh_lib.whole_rows(params)  # placed as DCM places its batches
+    args = [tuple(mesh_lib.rows(x, params, whole=whole) for x in (b.tokens[:, -1], b.desired, b.undesired, b.weights))
+            for b in bs]
+
+    def caches():  # batch by batch, each dropped after its calls (made twice: never all alive)
+        for b in bs:
+            yield dcm.prefix_caches(cfg, params, [b], stacked=True)[0]
+
     # the batches' sums add up on the host (float32, in batch order, as on the device):
     # small eager device ops would each compile a program of their own
-    clean = timing.fetch([_clean(cfg, params, *a) for a in args])
+    clean = timing.fetch([_clean(cfg, params, c, *a) for c, a in zip(caches(), args)])
     n = len(examples)
     sums = {k: functools.reduce(np.add, (acts[k] for _, acts in clean)) for k in components.TYPES}
     means = {k: jnp.asarray((v / np.float32(n)).astype(model.dtype)) for k, v in sums.items()}
     # on the device once (a transfer, no program), not again with every batch's call
     keep = jax.device_put({k: np.asarray(mask[k]).astype(bool) for k in components.TYPES})
     none = jax.device_put({k: np.zeros(v.shape, bool) for k, v in keep.items()})
-    ld_c, ld_0 = timing.fetch(([_ablated(cfg, params, *a, means, keep) for a in args],
-                               [_ablated(cfg, params, *a, means, none) for a in args]))
+    ld_c, ld_0 = timing.fetch(tuple(zip(*[(_ablated(cfg, params, c, *a, means, keep),
+                                            _ablated(cfg, params, c, *a, means, none))
+                                           for c, a in zip(caches(), args)])))
     ld_full, ld_c, ld_0 = (float(np.sum(np.asarray(x, np.float32))) / n
                            for x in ([s for s, _ in clean], ld_c, ld_0))
     return {"ld_full": ld_full, "ld_circuit": ld_c, "ld_all_ablated": ld_0,
