@@ -1,7 +1,7 @@
 """Where an amplification step's seconds go on this host: the device cost of its batches
 alone against the whole step as the train loop runs it, with the host's profile.
 
-    python bench/amplify_probe.py MODEL.gguf [--examples 52] [--length 1200] [--steps 8]
+    python bench/amplify_probe.py MODEL.gguf [--examples 52] [--length 1200] [--steps 8] [--batch 8]
 
 Random localization examples of one length and a random circuit of ~7% of the components
 (the shapes of RESULTS.md's 10-template Qwen run); ``Amplifier.step`` as the loop calls it.
@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--length", type=int, default=1200)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=8, help="amplify.batch_size (the micro-batch)")
     args = ap.parse_args()
     import jax
     import numpy as np
@@ -48,9 +49,9 @@ def main():
                               int(rng.integers(100, 1000)), int(rng.integers(1000, 2000)), 0, i)
           for i in range(args.examples)]
     mask = {k: rng.random(s) < 0.07 for k, s in components.shapes(cfg).items()}
-    trainer = amp.Amplifier(model, ex, mask, amp.AmplifyConfig())
+    trainer = amp.Amplifier(model, ex, mask, amp.AmplifyConfig(batch_size=args.batch))
     master, opt = trainer.init()
-    out = {"backend": jax.default_backend(), "batches": len(trainer.batches), "examples": args.examples,
+    out = {"backend": jax.default_backend(), "batch": args.batch, "batches": len(trainer.batches), "examples": args.examples,
            "length": args.length}
     t = time.perf_counter()
     master, opt, _ = trainer.step(master, opt, 0)

@@ -6,9 +6,6 @@ target dtype and filled tensor by tensor, so host memory stays near one copy of 
 
 from __future__ import annotations
 
-import collections
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import jax
@@ -118,32 +115,20 @@ def assemble(
             node = node.setdefault(p, {})
         node[path[-1]] = put(path, buffers.pop(path))
 
-    # each tensor is transposed and cast into its slot in one strided pass, on worker
-    # threads (numpy lets go of the GIL while it copies): on one thread these copies were
-    # a quarter of a GGUF load
-    workers = min(8, os.cpu_count() or 1)
-    inflight: collections.deque = collections.deque()
-
-    def settle():
-        e, job = inflight.popleft()
-        job.result()
+    for raw_name, x in tensors:
+        e = _entry(table, cfg, raw_name, source)
+        if e is None:
+            continue
+        _check_new(e, raw_name, x.shape, seen, source)
+        y = mapping.to_ours(np.asarray(x), e).astype(ndt, copy=False)
+        if e.layer is None:
+            buffers[e.path] = y
+        else:
+            if e.path not in buffers:
+                buffers[e.path] = np.empty((cfg.num_layers,) + e.shape, ndt)
+            buffers[e.path][e.layer] = y
         filled[e.path] = filled.get(e.path, 0) + 1
         if filled[e.path] == need[e.path]:
             finish(e.path)
-
-    with ThreadPoolExecutor(workers) as pool:
-        for raw_name, x in tensors:
-            e = _entry(table, cfg, raw_name, source)
-            if e is None:
-                continue
-            _check_new(e, raw_name, x.shape, seen, source)
-            if e.path not in buffers:
-                buffers[e.path] = np.empty(((cfg.num_layers,) if e.layer is not None else ()) + e.shape, ndt)
-            dst = buffers[e.path] if e.layer is None else buffers[e.path][e.layer]
-            inflight.append((e, pool.submit(np.copyto, dst, mapping.ours_view(np.asarray(x), e), "unsafe")))
-            while len(inflight) > 2 * workers:  # memory: a bounded number of source tensors held
-                settle()
-        while inflight:
-            settle()
     _check_complete(table, seen, source)
     return out

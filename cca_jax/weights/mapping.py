@@ -114,16 +114,11 @@ def entries(cfg: ModelConfig) -> Iterator[Entry]:
             yield Entry(template, path, None, transform, tuple(shape))
 
 
-def ours_view(x: np.ndarray, e: Entry) -> np.ndarray:
-    """An HF tensor seen in our layout (shape ``e.shape``): a strided view, no copy."""
-    if e.transform in ("proj", "out_proj", "transpose"):
-        x = x.T
-    return x.reshape(e.shape)
-
-
 def to_ours(x: np.ndarray, e: Entry) -> np.ndarray:
     """An HF tensor -> our layout (shape ``e.shape``)."""
-    return np.ascontiguousarray(ours_view(x, e))
+    if e.transform in ("proj", "out_proj", "transpose"):
+        x = x.T
+    return np.ascontiguousarray(x.reshape(e.shape))
 
 
 def to_hf(x: np.ndarray, e: Entry) -> np.ndarray:
