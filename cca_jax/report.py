@@ -150,7 +150,7 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
     t = summary.get("timings_seconds", {})
     if t:
         lines += ["", "Where the time went (seconds; compile: tracing, lowering and XLA compiles; device: the host "
-                  "waiting for device results; host: the rest):", "",
+                  "waiting for device results; host: the rest, dispatch waiting for a busy device included):", "",
                   "| stage | total | compile (XLA compiles) | device | host |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {_total(v):.1f} | " + (f"{v['compile']:.1f} ({v['compiles']}) | {v['device']:.1f} | "
                                                    f"{v['host']:.1f} |" if "compile" in v else "| | |")

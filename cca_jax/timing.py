@@ -6,7 +6,9 @@
 - device: the time the host spends blocked on device results (``wait``/``fetch`` at
   the points where the program reads them: a stage's device work that the host did not
   wait for overlapped the host's own work).
-- host: the rest of the wall clock (Python, tokenization, data, dispatch, I/O).
+- host: the rest of the wall clock (Python, tokenization, data, dispatch, I/O). A dispatch
+  that waits because the device is still busy with earlier work counts here too (an
+  amplification step on a GPU: most of its "host" seconds, ``bench/amplify_probe.py``).
 - memory: per-device peak bytes: the allocator's peak so far (``peak_bytes_in_use``,
   GPU and TPU: a process-lifetime peak, so a stage shows the highest of itself and the
   stages before it), or on backends without memory statistics (the CPU) the most live
