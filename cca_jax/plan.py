@@ -127,15 +127,21 @@ def _per_layer(params_abs):
     return _abstract(out, sh)
 
 
-def _cache(cfg: ModelConfig, batch: int, size: int, dtype, cs: mesh_lib.CacheSharding | None, mesh: Mesh):
+def _cache(cfg: ModelConfig, batch: int, size: int, dtype, cs: mesh_lib.CacheSharding | None, mesh: Mesh,
+           stacked: bool = False):
+    """A cache's abstract arrays, placed as ``cs`` says; ``stacked``: ``KVCache.stacked``'s."""
     from cca_jax.model.cache import init_cache
 
     cs = cs or mesh_lib.CacheSharding(mesh, (), None)  # one device
     c = jax.eval_shape(lambda: init_cache(cfg, batch, size, dtype, cs))
     c = c.replace(empty=False)  # a tiled shared prefix: attention reads the whole buffer
+    if stacked:
+        c = jax.eval_shape(lambda x: x.stacked(), c)
+        kv, v = cs.kv(True), cs.kv(True)
+    else:
+        kv, v = tuple(cs.kv() for _ in c.k), tuple(cs.kv() for _ in c.v)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), c,
-                        c.replace(k=tuple(cs.kv() for _ in c.k), v=tuple(cs.kv() for _ in c.v), pos=cs.pos(),
-                                  index=cs.scalar()))
+                        c.replace(k=kv, v=v, pos=cs.pos(), index=cs.scalar()))
 
 
 def _rows(shape, dtype, params_abs, axis: int = 0, whole: bool = False):
@@ -226,12 +232,7 @@ def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool
     n_b = -(-w.examples // B)
     whole = mesh_lib.whole_rows(params)  # as dcm.train_mask places its batches
     cs = mesh_lib.cache_sharding(params, B, cfg.num_kv_heads, whole)
-    cache = _cache(cfg, B, T, dtype, cs, mesh)
-    if not unroll:  # dcm.prefix_caches(stacked=True): one (L, B, KV, S, Dh) array each
-        kv = cache.k[0]
-        one = jax.ShapeDtypeStruct((cfg.num_layers, *kv.shape), kv.dtype,
-                                   sharding=(cs or mesh_lib.CacheSharding(mesh, (), None)).kv(True))
-        cache = cache.replace(k=one, v=one)
+    cache = _cache(cfg, B, T, dtype, cs, mesh, stacked=not unroll)  # as dcm.prefix_caches makes them
     toks = _rows((B, T), jnp.int32, params, whole=whole)
     mask = _rows((B, T), jnp.bool_, params, whole=whole)
     vec = _rows((B,), jnp.int32, params, whole=whole)
@@ -246,7 +247,8 @@ def plan_dcm(cfg, dtype, mesh, stored, layout, w: Workload, caches_on_host: bool
     if caches_on_host:
         caches *= 2
     resident = {"weights": device_bytes(stored), "layout_copy": copy,
-                "per_layer_weights": device_bytes(layers) if unroll else 0, "prefix_caches": caches, "mask_and_adam": device_bytes((m, state))}
+                "per_layer_weights": device_bytes(layers) if unroll else 0, "prefix_caches": caches,
+                "mask_and_adam": device_bytes((m, state))}
     return StagePlan("dcm", mesh_lib.layout_of(params), resident, progs)
 
 

@@ -22,6 +22,7 @@ from cca_jax import mesh as mesh_lib
 from cca_jax import timing
 from cca_jax.cca import components, dcm
 from cca_jax.cca.examples import LocalizationExample, batches as make_batches
+from cca_jax.cca.objective import logit_diffs
 from cca_jax.config import ModelConfig
 from cca_jax.model.intervention import Intervention
 from cca_jax.model.transformer import forward
@@ -33,9 +34,7 @@ def _last_token(cfg: ModelConfig, params, cache, last, desired, undesired, **kw)
     B = last.shape[0]
     ids = jnp.concatenate([desired, undesired])  # only the 2B logits read
     out = forward(cfg, params, last[:, None], cache=cache, at=jnp.zeros((B, 1), jnp.int32), vocab=ids, **kw)
-    lg = out.logits[:, 0].astype(jnp.float32)
-    rows = jnp.arange(B)
-    return lg[rows, rows] - lg[rows, B + rows], out
+    return logit_diffs(out.logits[:, 0].astype(jnp.float32), jnp.arange(B), jnp.arange(B, 2 * B)), out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -2,8 +2,9 @@
 
 ``forward`` runs in named steps: the call's positions, the embedding, the layers (one
 block scanned over stacked weights, or unrolled over per-layer weights and cache
-buffers: the caller picks by the weights it passes), the cache write, the logits. Parameter layouts are in ``model.params``; how a
-call uses its cache, and each attention layer's mode, in ``model.modes``.
+buffers: the caller picks by the weights it passes), the cache write, the logits.
+Parameter layouts are in ``model.params``; how a call uses its cache, and each attention
+layer's mode, in ``model.modes``.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def _scan_read(block, layers, x, sliding, layer_ivs, cache: KVCache, k_pos_new):
         lp, is_sliding, liv, kc, vc = xs
         return block(x, (lp, is_sliding, liv, ReadCache(kc, vc, cache.pos, k_pos_new)))
 
-    ks, vs = (c if not isinstance(c, (tuple, list)) else jnp.stack(c) for c in (cache.k, cache.v))
-    x, (acts, kv) = jax.lax.scan(body, x, (layers, sliding, layer_ivs, ks, vs))
+    stacked = cache.stacked()
+    x, (acts, kv) = jax.lax.scan(body, x, (layers, sliding, layer_ivs, stacked.k, stacked.v))
     return x, acts, [(kv[0][i], kv[1][i]) for i in range(len(sliding))]
 
 
