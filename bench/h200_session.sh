@@ -238,6 +238,33 @@ t10c() {
   wait
   echo "== warm 10-template run"; cat /tmp/bg/q10w.log
 }
+# eleventh session (issue 21): where the load's import time goes, then the 10-template run
+# cold (fresh compilation cache) and warm, alone on GPU 0
+imports() {
+  python3 - <<'EOF2'
+import time
+t = time.perf_counter(); import jax; jax.devices(); a = time.perf_counter() - t
+t = time.perf_counter(); import torch; b = time.perf_counter() - t
+t = time.perf_counter(); import transformers; transformers.AutoConfig.for_model("qwen2"); c = time.perf_counter() - t
+print(f"import jax + GPU init {a:.1f} s; import torch {b:.1f} s; then transformers + a config {c:.1f} s")
+EOF2
+}
+t11a() {
+  imports
+  Q10_DIR=/tmp/q11c Q10_LIMIT=${B1:-320} bash "$0" qwen10 0
+  Q10_DIR=/tmp/q11w Q10_CACHE=/tmp/q11c.cache Q10_LIMIT=${B2:-230} bash "$0" qwen10 0
+}
+# the amplification step with the shared context run once (and in every row) on GPU 0,
+# beside a cold run without Triton GEMM fusions on GPU 1 (does XLA compile faster?)
+t11b() {
+  mkdir -p /tmp/bg
+  (Q10_DIR=/tmp/q11t XLA_FLAGS=--xla_gpu_enable_triton_gemm=false Q10_LIMIT=${B1:-400} bash "$0" qwen10 1 \
+    > /tmp/bg/q11t.log 2>&1) &
+  CUDA_VISIBLE_DEVICES=0 timeout "${B1:-400}" python3 bench/amplify_probe.py $GGUF --batch 8 2>&1 | grep '^{'
+  CUDA_VISIBLE_DEVICES=0 timeout "${B1:-400}" python3 bench/amplify_probe.py $GGUF --batch 56 --share on 2>&1 | grep '^{'
+  wait
+  echo "== no Triton GEMM"; cat /tmp/bg/q11t.log
+}
 
 case "${1:-}" in
   prep) prep ;;
@@ -256,5 +283,8 @@ case "${1:-}" in
   t10a) t10a ;;
   t10b) t10b ;;
   t10c) t10c ;;
+  imports) imports ;;
+  t11a) t11a ;;
+  t11b) t11b ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -26,7 +26,7 @@ from cca_jax import mesh as mesh_lib
 from cca_jax import timing
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
-from cca_jax.model.cache import KVCache, init_cache, tile_cache
+from cca_jax.model.cache import KVCache, grow_cache, init_cache, tile_cache
 from cca_jax.model.prefill import left_pad, prefill
 from cca_jax.model.transformer import forward
 # Sampling and filter_logits stay importable from here (their home is sampling.py)
@@ -54,6 +54,9 @@ def decode_chunk(cfg: ModelConfig, params, cache: KVCache, logits, done, key, eo
 
     (cache, logits, done, key), toks = jax.lax.scan(step, (cache, logits, done, key), None, length=steps)
     return cache, logits, done, key, toks.T
+
+
+SUFFIX_BUCKET = 64  # prompt tokens after the shared prefix, rounded up to a multiple of this
 
 
 def _bucket(n: int, m: int) -> int:
@@ -99,6 +102,9 @@ class GenerationConfig:
     eos_token_id: int | Sequence[int] | None = None  # None: the model config's; [] = none
     pad_token_id: int = 0
     batch_size: int = 32
+    # every batch padded to batch_size rows, a lone one too (one program for calls of any
+    # size: the rounds of pivot sampling, whose pending items shrink)
+    fixed_rows: bool = False
     chunk: int = 32  # decode steps per compiled call
     share_prefix: bool = True  # encode a context every prompt starts with once
     min_shared_prefix: int = 8  # ... when it is at least this many tokens
@@ -151,12 +157,14 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
         shared -= shared % config.shared_bucket
     if shared < config.min_shared_prefix:
         shared = 0
-    suffix_len = _bucket(max(len(p) - shared for p in prompts), 16)
+    # coarse: the train, val and test splits' suffixes then share one prefill program
+    suffix_len = _bucket(max(len(p) - shared for p in prompts), SUFFIX_BUCKET)
     # room for whole decode chunks: the last one runs a full chunk too (see _launch)
     size = _bucket(shared + suffix_len + _bucket(config.max_new_tokens, config.chunk), 128)
     prefix = None
     if shared:
-        c = init_cache(cfg, 1, size, model.dtype, mesh_lib.cache_sharding(stacked, 1, cfg.num_kv_heads))
+        # sized for the prefix alone (grown for each batch): one program for any budget
+        c = init_cache(cfg, 1, shared, model.dtype, mesh_lib.cache_sharding(stacked, 1, cfg.num_kv_heads))
         _, prefix = prefill(cfg, stacked, jnp.asarray([prompts[0][:shared]], jnp.int32), jnp.ones((1, shared), bool), c)
     return _Plan(cfg, stacked, params, model.dtype, eos, shared, tuple(prompts[0][:shared]), suffix_len, size, prefix)
 
@@ -220,10 +228,14 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
     toks, mask = left_pad(rows, plan.suffix_len, config.pad_token_id)
     # on a mesh: rows over the data axis, the cache laid out like the weights (mesh.py)
     cs = mesh_lib.cache_sharding(plan.stacked, len(rows), plan.cfg.num_kv_heads)
-    cache = (tile_cache(plan.prefix, len(rows), cs) if plan.shared
-             else init_cache(plan.cfg, len(rows), plan.size, plan.dtype, cs))
+    # the prompts are prefilled into a cache of their own length, then it grows to the
+    # decode budget's: the prefill programs are the same for every budget (train, test)
+    prompt_slots = plan.shared + plan.suffix_len
+    cache = (tile_cache(plan.prefix, len(rows), cs, prompt_slots) if plan.shared
+             else init_cache(plan.cfg, len(rows), prompt_slots, plan.dtype, cs))
     logits, cache = prefill(plan.cfg, plan.stacked, mesh_lib.rows(toks, plan.stacked),
                             mesh_lib.rows(mask, plan.stacked), cache)
+    cache = grow_cache(cache, plan.size, cs)
     if config.speculative != "off":
         from cca_jax import speculative
 
@@ -254,7 +266,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
     """Generate up to ``max_new_tokens`` for each prompt (lists of token ids).
 
     ``options`` are ``GenerationConfig``'s fields (eos_token_id, pad_token_id, batch_size,
-    chunk, share_prefix, min_shared_prefix, shared_bucket, write_first, ahead; speculative, spec_k,
+    fixed_rows, chunk, share_prefix, min_shared_prefix, shared_bucket, write_first, ahead; speculative, spec_k,
     spec_ngram, spec_iters, draft_model) and the sampling ones (temperature (0 = greedy),
     top_k, top_p). See ``generate_with``."""
     config = GenerationConfig.of(max_new_tokens, **options)
@@ -293,7 +305,8 @@ def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationCon
     for b0 in range(0, len(order), config.batch_size):
         idx = order[b0:b0 + config.batch_size]
         key, batch_key = jax.random.split(key)
-        outs = _generate_batch(plan, config, [prompts[i] for i in idx], len(order) > config.batch_size, batch_key, stop,
+        outs = _generate_batch(plan, config, [prompts[i] for i in idx], config.fixed_rows or len(order) > config.batch_size,
+                               batch_key, stop,
                                draft)
         for i, seq in zip(idx, outs):
             results[i] = seq

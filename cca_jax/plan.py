@@ -195,23 +195,27 @@ def _layout_params(stored, cfg, dtype, mesh, layout):
 
 def plan_generate(cfg, dtype, mesh, stored, layout, w: Workload, weights_bytes: int | None = None) -> StagePlan:
     """Evaluation, pivot sampling and benchmarks: a batch's prefill and decode chunks."""
-    from cca_jax.generate import Sampling, decode_chunk
+    from cca_jax.generate import SUFFIX_BUCKET, Sampling, decode_chunk
     from cca_jax.model.prefill import prefill
 
     params, copy = _layout_params(stored, cfg, dtype, mesh, layout)
     layers = _per_layer(params)
-    B, suffix = mesh_lib.padded_rows(params, w.gen_batch), _bucket(w.prompt, 16)
+    B, suffix = mesh_lib.padded_rows(params, w.gen_batch), _bucket(w.prompt, SUFFIX_BUCKET)
     size = _bucket(w.prompt + w.gen_new, 128)
     cs = mesh_lib.cache_sharding(params, B, cfg.num_kv_heads)
+    # as generate runs a batch: prefill into a cache of the prompt's slots, grown to the budget's
+    prompt_cache = _cache(cfg, B, suffix, dtype, cs, mesh)
     cache = _cache(cfg, B, size, dtype, cs, mesh)
-    prefix = _cache(cfg, 1, size, dtype, mesh_lib.cache_sharding(params, 1, cfg.num_kv_heads), mesh)
+    prefix = _cache(cfg, 1, suffix, dtype, mesh_lib.cache_sharding(params, 1, cfg.num_kv_heads), mesh)
     toks = _rows((B, suffix), jnp.int32, params)
     mask = _rows((B, suffix), jnp.bool_, params)
     logits = _rows((B, cfg.vocab_size), jnp.float32, params)
     done = _rows((B,), jnp.bool_, params)
     key = jax.eval_shape(lambda: jax.random.key(0))
     eos = jax.ShapeDtypeStruct((1,), jnp.int32)
-    progs = [_program("prefill", prefill, cfg, params, toks, mask, cache),
+    progs = [_program("prefill", prefill, cfg, params, toks, mask, prompt_cache),
+             # while the cache grows, the prompt's is alive beside the grown one (resident below)
+             Program("grow_cache", device_bytes(prompt_cache)),
              _program("decode_chunk", decode_chunk, cfg, layers, cache, logits, done, key, eos, 0, w.chunk,
                       Sampling(), True, donated=device_bytes(cache))]
     resident = {"weights": weights_bytes if weights_bytes is not None else device_bytes(stored),
@@ -508,6 +512,10 @@ def workload(config, prompt_tokens: int | None = None, examples: int | None = No
     n_train = len(splits["train"])
     # a split smaller than the batch runs as one batch of its own size (generate pads only to repeat a shape)
     gen_batch = min(ev.batch_size, max(len(s) for s in splits.values()))
+    if config.pivots.batch_size is not None:  # pivot sampling's own rows (every train item at most)
+        from cca_jax.cca.pivots import sampling_rows
+
+        gen_batch = max(gen_batch, sampling_rows(config.pivots.batch_size, n_train))
     ex = examples if examples is not None else n_train
     piv = pivot_tokens if pivot_tokens is not None else prompt_tokens + ev.max_new_tokens
     sc = config.sft

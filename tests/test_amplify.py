@@ -141,3 +141,37 @@ def test_bias_updates_are_an_option(model):
     assert moved[False][0] == 0.0 and moved[False][1] > 0
     assert moved[True][0] > 0 and moved[True][1] > 0
     assert amp.AmplifyConfig().biases is True
+
+
+def test_a_shared_context_run_once_gives_the_gradient_of_running_it_in_every_row(model):
+    """amplify.share_prefix: the few-shot context every example starts with runs once
+    per micro-batch; the loss and the gradient equal running it in every row."""
+    cfg, params = model.config, model.params()
+    context = tuple(int(t) for t in np.random.default_rng(5).integers(3, 60, 24))
+    exs = [e.__class__(context + e.prefix, e.desired, e.undesired, e.template, e.instance) for e in examples(7)]
+    prefix, rest = amp.shared_context(exs)
+    assert prefix.shape == (1, 24) and [len(r.prefix) for r in rest] == [len(e.prefix) - 24 for e in exs]
+    assert amp.shared_context(exs, share=False)[0] is None and amp.shared_context(exs[:1])[0] is None
+    sel, _ = amp.selection_and_masks(small_mask(cfg), params, amp.AmplifyConfig())
+    train, frozen = amp.split_params(params, sel)
+    l_all, g_all = amp.full_batch_grad(cfg, train, frozen, batches(exs, 3, 0, pad_rows=True), len(exs))
+    l_one, g_one = amp.full_batch_grad(cfg, train, frozen, batches(rest, 3, 0, pad_rows=True), len(exs),
+                                       prefix=prefix)
+    np.testing.assert_allclose(l_one, l_all, rtol=1e-5)
+    nonzero = 0
+    for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_all)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        nonzero += int(np.count_nonzero(np.asarray(b)))
+    assert nonzero > 0
+    # the trainer cuts the context off and steps exactly as the unshared one does
+    mask = small_mask(cfg)
+    steps = {}
+    for share in (True, False):
+        t = amp.Amplifier(model, exs, mask, amp.AmplifyConfig(lr=1e-2, batch_size=3, share_prefix=share))
+        assert (t.prefix is not None) == share
+        master, state = t.init()
+        master, _, info = t.step(master, state, 1)
+        steps[share] = (info["loss"], master)
+    np.testing.assert_allclose(steps[True][0], steps[False][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(steps[True][1]), jax.tree.leaves(steps[False][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -63,7 +63,7 @@ def test_shared_prefix_bucket_reuses_programs_and_keeps_the_tokens(hf_dirs):
             tokens[bucket] += [generate(model, [p] * 3, 6, **kw) for p in items[1:]]
         compiles[bucket] = acc.compiles
     assert tokens[1] == tokens[32]
-    # shared 42..52 tokens: all cut to 32 (only the suffix bucket 16 -> 32 is new), against
+    # shared 42..52 tokens: all cut to 32 (the suffixes share one bucket of 64), against
     # a new prefix length, hence new prefill and cache programs, for every item
     assert 2 * compiles[32] <= compiles[1], compiles
 
@@ -100,6 +100,26 @@ def test_a_budget_that_is_not_a_whole_number_of_chunks_compiles_no_second_decode
         ten = generate(model, prompts, 10, **kw)
     assert acc.programs.get("decode_chunk", (0, 0))[0] == 0, acc.programs
     assert ten == [t[:10] for t in twelve] and all(len(t) == 10 for t in ten)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_budgets_of_other_cache_sizes_share_the_prefill_programs(hf_dirs, share):
+    """The prompts are prefilled into a cache of their own length, which then grows to
+    the budget's: the train/val (512) and test (1500) budgets share prefill programs, and
+    each budget's tokens are what it gave with its own cache."""
+    from cca_jax import timing
+
+    _, d = hf_dirs["qwen2"]
+    model, _ = cca_jax.load_model(d)
+    rng = np.random.default_rng(11)
+    context = list(rng.integers(3, tiny.VOCAB, size=40))
+    prompts = [context + list(rng.integers(3, tiny.VOCAB, size=n)) for n in (3, 6, 9, 12)]
+    kw = {"eos_token_id": [], "chunk": 4, "share_prefix": share}
+    short = generate(model, prompts, 8, **kw)  # a cache of 128 slots
+    with timing.account() as acc:
+        long = generate(model, prompts, 160, **kw)  # 256 slots
+    assert acc.programs.get("prefill", (0, 0))[0] == 0, acc.programs
+    assert [t[:8] for t in long] == short and all(len(t) == 160 for t in long)
 
 
 def test_weights_read_back_from_a_checkpoint_reuse_the_programs_of_the_loaded_ones(hf_dirs, tmp_path):

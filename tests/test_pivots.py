@@ -65,3 +65,25 @@ def test_localize_examples_are_oriented_toward_correct(setup, method):
             n = len(ex.prefix) - len(g.prompt)
             assert ex.prefix[len(g.prompt):] == g.tokens[:n]
             assert g.tokens[n] in (ex.desired, ex.undesired)
+
+
+def test_fixed_rows_sample_every_round_with_one_program(setup):
+    """pivots.batch_size: every round's batches have one size (the rows of the first
+    round, rounded up), so the shrinking rounds compile no new programs."""
+    from cca_jax import timing
+
+    model, tok, items, greedy, judge_for, kw = setup
+    assert [pivots.sampling_rows(512, n) for n in (3, 40, 65, 260, 513)] == [4, 64, 128, 320, 320]
+    assert pivots.sampling_rows(64, 260) == 64
+    keys = [(it.template, it.instance) for it in items]
+    cfg = pivots.PivotConfig(n_samples=6, max_new_tokens=12, seed=1, batch_size=40)  # 12 items -> 16 rows
+    with timing.account() as acc:
+        exs, stats = pivots.localize(model, greedy, keys, judge_for, cfg, kw, progress=False)
+    # the items still pending shrink round by round (flipped ones leave) ...
+    assert 0 < stats["flipped"] < len(items)
+    # ... and yet one sampling program served every round
+    assert acc.programs["decode_chunk"][0] == 1
+    # greedy decoding is the same on padded batches of any size
+    prompts = [list(g.prompt) for g in greedy[:3]]
+    assert generate(model, prompts, 12, **{**kw, "batch_size": 16, "fixed_rows": True}) == generate(model, prompts, 12,
+                                                                                                       **kw)

@@ -1,7 +1,10 @@
 """Amplification (SPEC 4): gradient steps on the circuit's rows only.
 
 Loss: -sum_b(logit_desired - logit_undesired) / N over the whole train set (full batch),
-plain forward, logits at the last position. Only the target leaves (q, k, v, up by
+plain forward, logits at the last position. The few-shot context every example starts
+with is run once per micro-batch (one row, differentiated like the rest) and its keys
+and values are shared by the rows: the same loss and gradient as running it in every
+row, for a fraction of the work (``share_prefix``). Only the target leaves (q, k, v, up by
 default) are differentiated (``circuit.circuit_value_and_grad``) and the optimizer is
 ``circuit.circuit_optimizer``: every row outside the circuit gets exactly zero update.
 Updated leaves keep float32 master copies, so a 1e-4 step does not round away in
@@ -18,6 +21,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cca_jax.cca import circuit, components
@@ -27,6 +31,7 @@ from cca_jax import timing, validate
 from cca_jax.cca.objective import logit_diffs
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError
+from cca_jax.model.cache import init_cache, tile_cache
 from cca_jax.model.transformer import forward, layer_list
 
 # SPEC 4: val accuracy at these steps (and step 0, the unchanged model)
@@ -50,6 +55,9 @@ class AmplifyConfig:
     # their own buffers instead of being copied into the scan's stacked ones (faster on
     # a GPU; compiles more slowly)
     unroll: bool = False
+    # run the context every example starts with once per micro-batch (its gradient summed
+    # over the rows) instead of in every row: the same loss and gradient, up to rounding
+    share_prefix: bool = True
 
     def __post_init__(self):
         validate.check_fields(self, "amplify", {
@@ -87,11 +95,21 @@ def make_optimizer(config: AmplifyConfig, mask, params) -> circuit.CircuitOptimi
 split_params, merge_params = circuit.split_params, circuit.merge_params
 
 
-def _loss_sum(params, cfg, batch_tokens, batch_mask, desired, undesired, remat, weights=None):
+def _shared_cache(params, cfg, prefix, rows: int, size: int, remat):
+    """The keys/values of the shared context ``prefix`` (1, P), computed once from
+    ``params`` (so differentiated through) and repeated for ``rows`` rows, in a cache of
+    ``size`` slots: the backward pass sums the rows' cotangents into the one context."""
+    cache = init_cache(cfg, 1, size, params["embed"].dtype)
+    cache = forward(cfg, params, prefix, cache=cache, at=jnp.zeros((1, 1), jnp.int32), remat=remat).cache
+    return tile_cache(cache, rows)
+
+
+def _loss_sum(params, cfg, batch_tokens, batch_mask, desired, undesired, remat, weights=None, prefix=None):
     B, T = batch_tokens.shape
+    cache = None if prefix is None else _shared_cache(params, cfg, prefix, B, prefix.shape[1] + T, remat)
     # only the 2B logits the loss reads (B, 2B) over [desired | undesired]: the rest of the
     # output matmul and its gradient (a read of the whole vocabulary each way) are skipped
-    out = forward(cfg, params, batch_tokens, mask=batch_mask, at=jnp.full((B, 1), T - 1), remat=remat,
+    out = forward(cfg, params, batch_tokens, mask=batch_mask, cache=cache, at=jnp.full((B, 1), T - 1), remat=remat,
                   vocab=jnp.concatenate([desired, undesired]))
     diffs = logit_diffs(out.logits[:, 0], jnp.arange(B), jnp.arange(B, 2 * B))
     if weights is not None:  # padded rows (weight 0, desired == undesired) add exactly 0, gradient too
@@ -108,33 +126,38 @@ def _trained(train):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "remat", "unroll"))
-def grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False, weights=None):
+def grad_sum(train, frozen, cfg, tokens, mask, desired, undesired, remat=False, unroll=False, weights=None,
+             prefix=None):
     """(-sum over rows of the logit difference, its gradient); ``weights`` (B,): 0 on
-    padded rows (``examples.Batch``), None: every row is real."""
+    padded rows (``examples.Batch``), None: every row is real. ``prefix`` (1, P): a
+    context every row starts with, ``tokens`` then being each row's rest (None: none)."""
     params, selection = merge_params(train, frozen), _trained(train)
     if not unroll:
         return circuit.circuit_value_and_grad(_loss_sum, params, selection, cfg, tokens, mask, desired, undesired,
-                                              remat, weights)
+                                              remat, weights, prefix)
     # layers unrolled: differentiate with respect to per-layer slices and stack their
     # gradients once, instead of XLA assembling each stacked gradient from padded slices
     n = cfg.num_layers
     loss, g = circuit.circuit_value_and_grad(_loss_sum, _per_layer(params),
                                              {**selection, "layers": (selection["layers"],) * n},
-                                             cfg, tokens, mask, desired, undesired, remat, weights)
+                                             cfg, tokens, mask, desired, undesired, remat, weights, prefix)
     return loss, {**g, "layers": jax.tree.map(lambda *a: jnp.stack(a), *g["layers"])}
 
 
 def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n: int, remat: bool = False,
-                    unroll: bool = False):
+                    unroll: bool = False, prefix=None):
     """(loss, grad) of -sum(logit diff)/N over all batches, accumulated in float32; ``n``
     the number of real examples (padded rows weigh 0). The batches are dispatched back to
-    back; the loss is read once, at the end."""
+    back; the loss is read once, at the end. ``prefix`` (1, P): the context every row of
+    every batch starts with (``shared_context``), the batches holding the rest."""
     losses, total = [], None
+    if prefix is not None:
+        prefix = mesh_lib.rows(prefix, frozen, whole=True)  # one row, on every device
     for b in batches:
         # on a mesh, rows over the data axis of the weights' layout (cca_jax.mesh)
         loss, g = grad_sum(train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
                                                   (b.tokens, b.mask, b.desired, b.undesired)), remat, unroll,
-                           mesh_lib.rows(b.weights, frozen))
+                           mesh_lib.rows(b.weights, frozen), prefix)
         total = _accumulate(total, g, 1.0 / n)
         losses.append(loss)
     return float(sum(timing.fetch(losses))) / n, total
@@ -146,6 +169,23 @@ def _accumulate(total, g, scale):
     if total is None:
         return jax.tree.map(lambda x: x.astype(jnp.float32) * scale, g)
     return jax.tree.map(lambda t, x: t + x.astype(jnp.float32) * scale, total, g)
+
+
+# a shorter shared context is not worth a second pass (and a cache) per micro-batch
+MIN_SHARED = 16
+
+
+def shared_context(examples: Sequence, share: bool = True) -> tuple[np.ndarray | None, list]:
+    """(the context (1, P) int32 every example's prefix starts with, the examples with it
+    cut off) when ``share`` and it is at least ``MIN_SHARED`` tokens (each keeps at least
+    one token); else (None, the examples unchanged)."""
+    from cca_jax.generate import common_prefix_len
+
+    P = common_prefix_len([e.prefix for e in examples]) if share and len(examples) > 1 else 0
+    if P < MIN_SHARED:
+        return None, list(examples)
+    return (np.asarray([examples[0].prefix[:P]], np.int32),
+            [dataclasses.replace(e, prefix=e.prefix[P:]) for e in examples])
 
 
 def working_params(master, frozen, dtype):
@@ -186,8 +226,10 @@ class Amplifier:
         self.params = model.params()
         self.opt = make_optimizer(config, mask, self.params)
         self.frozen = split_params(self.params, self.opt.selection)[1]
+        # the context shared by every example runs once per micro-batch (SPEC 4's loss unchanged)
+        self.prefix, rest = shared_context(examples, config.share_prefix)
         # the last batch padded to the others' rows (weight 0): one compiled gradient program
-        self.batches = make_batches(examples, config.batch_size, seed=0, pad=pad_token_id, pad_rows=True)
+        self.batches = make_batches(rest, config.batch_size, seed=0, pad=pad_token_id, pad_rows=True)
         self._apply = step_fn(self.opt)
 
     def init(self):
@@ -198,7 +240,7 @@ class Amplifier:
         # the gradient of the model as it runs (working dtype); the update lands in float32
         train_now = jax.tree.map(lambda x: x.astype(self.dtype), master)
         loss, grad = full_batch_grad(self.cfg, train_now, self.frozen, self.batches, self.n, self.config.remat,
-                                     self.config.unroll)
+                                     self.config.unroll, self.prefix)
         del train_now  # peak memory: the working copy is not needed for the update
         master, opt_state = self._apply(master, opt_state, grad)
         return master, opt_state, {"loss": loss}

@@ -41,12 +41,26 @@ class PivotConfig:
     max_new_tokens: int = 512
     branch_batch: int = 8
     seed: int = 0
+    # rows per sampling batch (null: eval.batch_size). Set, every round runs batches of
+    # one size, this or fewer rows for fewer items (rounded up to a multiple of 64):
+    # one compiled program for all rounds, and on a large GPU a few wide batches
+    batch_size: int | None = None
 
     def __post_init__(self):
         v = validate
         v.check_fields(self, "pivots", {
             "method": v.one_of(*METHODS), "n_samples": v.COUNT, "temperature_mode": v.one_of("reference", "intended"),
-            "top_k": v.COUNT, "max_new_tokens": v.COUNT, "branch_batch": v.COUNT, "seed": v.SEED})
+            "top_k": v.COUNT, "max_new_tokens": v.COUNT, "branch_batch": v.COUNT, "seed": v.SEED,
+            "batch_size": v.COUNT})
+
+
+def sampling_rows(batch_size: int, items: int) -> int:
+    """Rows of every sampling batch for ``items`` items and ``pivots.batch_size``: all in
+    one batch when they fit, its rows rounded up to a multiple of 64 (or a power of two
+    below 64) so that runs of similar sizes share the compiled programs."""
+    need = -(-items // -(-items // batch_size))  # the rows of the fewest even batches
+    rounded = 1 << (need - 1).bit_length() if need <= 64 else -(-need // 64) * 64
+    return min(batch_size, rounded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +127,8 @@ def localize(model, greedy: Sequence[Trace], keys: Sequence[tuple[int, int]],
     examples and counts (items, with a differing sample, examples, dropped)."""
     key = jax.random.key(config.seed)
     pending = list(range(len(greedy)))
+    if config.batch_size is not None and pending:  # one batch shape for every round
+        gen_kw = {**gen_kw, "batch_size": sampling_rows(config.batch_size, len(pending)), "fixed_rows": True}
     found: dict[int, Trace] = {}
     bar = None
     if progress:

@@ -89,12 +89,40 @@ def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> j
     return jax.vmap(row)(buf, new, index)
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "sharding"))
-def tile_cache(cache: KVCache, batch: int, sharding=None) -> KVCache:
-    """Each row of ``cache`` repeated ``batch`` times (a one-row shared prefix for a batch)."""
+def _slots(cache: KVCache, size: int | None) -> KVCache:
+    """``cache`` with ``size`` slots: empty ones (position -1) added after its own."""
+    if size is None or size == cache.size:
+        return cache
+    if size < cache.size:
+        raise ValueError(f"a cache of {cache.size} slots cannot shrink to {size}")
+    extra = size - cache.size
+
+    def grow(b):
+        return jnp.pad(b, ((0, 0), (0, 0), (0, extra), (0, 0)))
+
+    return cache.replace(k=tuple(grow(k) for k in cache.k), v=tuple(grow(v) for v in cache.v),
+                         pos=jnp.pad(cache.pos, ((0, 0), (0, extra)), constant_values=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "sharding", "size"))
+def tile_cache(cache: KVCache, batch: int, sharding=None, size: int | None = None) -> KVCache:
+    """Each row of ``cache`` repeated ``batch`` times (a one-row shared prefix for a batch),
+    with ``size`` slots (default: as many as ``cache``; more are empty)."""
     from cca_jax.mesh import constrain_cache
 
+    cache = _slots(cache, size)
     return constrain_cache(KVCache(
         k=tuple(jnp.repeat(k, batch, axis=0) for k in cache.k), v=tuple(jnp.repeat(v, batch, axis=0) for v in cache.v),
         pos=jnp.repeat(cache.pos, batch, axis=0), index=cache.index,
     ), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "sharding"))
+def grow_cache(cache: KVCache, size: int, sharding=None) -> KVCache:
+    """``cache`` with ``size`` slots, the new ones empty: a prompt prefilled into a cache
+    sized for it alone gets room to decode (so prefill programs do not depend on the
+    generation budget). A larger buffer cannot reuse the smaller one's memory, so nothing
+    is donated: the old cache is freed when the caller drops it."""
+    from cca_jax.mesh import constrain_cache
+
+    return constrain_cache(_slots(cache, size), sharding)
