@@ -7,9 +7,9 @@ prompt), that context is encoded once and its cache reused for every batch.
 
 The decode loop runs ``chunk`` steps per compiled call; between calls the host checks the
 per-sequence stop rule (e.g. "the answer sentence is complete") on the tokens so far and
-ends finished rows, so a batch stops as soon as all its rows have stopped. While no row
-has finished, the next chunk is sent before the last one's tokens are read, so the device
-never waits for the host between chunks.
+ends finished rows, so a batch stops as soon as all its rows have stopped. The next chunk
+is sent before the last one's tokens are read, so the device never waits for the host
+between chunks (one chunk is wasted, the one sent after the last row finished).
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class GenerationConfig:
     # item) then reuse compiled programs instead of compiling new shapes for each
     shared_bucket: int = 32
     write_first: bool = True  # decode steps write keys/values before attending (decode_chunk)
-    # send the next decode chunk before reading the last one's tokens, while no row has
-    # finished, so the device never waits for the host between chunks
+    # send the next decode chunk before reading the last one's tokens, so the device never
+    # waits for the host between chunks (the one sent after the last row finished is wasted)
     ahead: bool = True
     # exact speculative decoding (cca_jax/speculative.py): off | ngram (drafts from the
     # row's own prompt and output) | model (drafts from draft_model, same tokenizer)
@@ -189,13 +189,13 @@ def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop
     rows, eos = logits.shape[0], np.asarray(plan.eos)
     out, stopped, keep = np.zeros((rows, 0), np.int32), np.zeros(rows, bool), [None] * rows
     pending, sent = _launch(plan, config, (cache, logits, jnp.zeros((rows,), bool), key), stopped, 0)
-    any_done = False
     while pending is not None:
         *state, new = pending
         pending = None
-        # while no row has finished, the next chunk is sent before this one's tokens are
-        # read (once rows finish, a chunk sent ahead could be wasted work: one at a time)
-        if config.ahead and not any_done and sent < config.max_new_tokens:
+        # the next chunk is sent before this one's tokens are read, so the device never
+        # waits for the host's stop checks; only the chunk sent after the last row has
+        # finished is wasted (rows finished meanwhile emit tokens that are cut off)
+        if config.ahead and sent < config.max_new_tokens:
             pending, sent = _launch(plan, config, state, stopped, sent)
         # the tokens so far (gathered from every process's devices on a multi-host mesh)
         new, done_host = timing.fetch((new, state[2]))
@@ -203,7 +203,6 @@ def _decode_rows(plan: _Plan, config: GenerationConfig, cache, logits, key, stop
         if stop is not None:
             check_stops(stop, out, stopped, keep, n, eos)
         finished = done_host | stopped
-        any_done = bool(finished[:n].any())
         if finished[:n].all():
             break
         if pending is None and sent < config.max_new_tokens:

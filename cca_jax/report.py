@@ -127,6 +127,12 @@ def seconds_per_stage(summary: dict) -> str:
     return ", ".join(f"{k} {_total(v):.0f}" for k, v in summary.get("timings_seconds", {}).items())
 
 
+def _phases(v: dict) -> str:
+    """ "; trace 1.2, lower 0.4, xla 9.8": a stage's compile seconds by phase (when recorded)."""
+    ph = v.get("compile_phases") or {}
+    return ("; " + ", ".join(f"{k} {ph[k]:.1f}" for k in ("trace", "lower", "xla") if k in ph)) if ph else ""
+
+
 def _loop_part(loop: dict, name: str, label: str) -> str:
     """A train loop part's seconds, with its compile / device / host split when recorded."""
     sp = loop.get(f"{name}_split")
@@ -159,7 +165,7 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
         if slow:  # which programs a stage's compile time went to
             lines += ["", "Slowest programs to compile (compiles / seconds):"]
             lines += [f"- {k}: " + ", ".join(f"{n} {c}/{sec:.1f}" for n, (c, sec) in list(v["programs"].items())[:4])
-                      for k, v in slow]
+                      + _phases(v) for k, v in slow]
         for k, v in t.items():  # the training loop's own split (this process's part of it)
             loop = v.get("loop") if isinstance(v, dict) else None
             if loop:

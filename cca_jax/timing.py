@@ -35,6 +35,8 @@ _COMPILE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_t
             "/jax/core/compile/backend_compile_duration")
 _BACKEND = "/jax/core/compile/backend_compile_duration"
 _HIT = "/jax/compilation_cache/cache_hits"
+# the compile phases by name in summary.json: Python tracing, lowering to MLIR, XLA's compile
+_PHASES = dict(zip(_COMPILE, ("trace", "lower", "xla")))
 DEFAULT_CACHE = Path("~/.cache/cca_jax/xla")
 
 
@@ -50,6 +52,8 @@ class Account:
     # per jitted function: [XLA compiles (cache hits excluded), seconds of tracing, lowering
     # and compiling]: which programs a stage's compile time goes to
     programs: dict = dataclasses.field(default_factory=dict)
+    # compile seconds by phase (trace, lower, xla): what a faster compile would have to cut
+    phases: dict = dataclasses.field(default_factory=dict)
 
     def add(self, other: "Account") -> None:
         """Sum ``other``'s seconds and counts into this one (the parts of a loop)."""
@@ -70,7 +74,8 @@ class Account:
         return {"total": round(self.wall, 3), "compile": sp["compile"], "compiles": self.compiles,
                 "cache_hits": self.cache_hits, "device": sp["device"], "host": sp["host"],
                 "peak_bytes_per_device": self.peak_bytes, "memory": self.memory,
-                "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001}}
+                "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001},
+                "compile_phases": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
 TOP_PROGRAMS = 8  # the slowest programs to compile, per stage, in summary.json
@@ -95,6 +100,7 @@ def _on_duration(name: str, seconds: float, **kw) -> None:
                 a.compiles += name == _BACKEND
                 n, t = a.programs.get(fun, (0, 0.0))
                 a.programs[fun] = (n + compiled, t + seconds)
+                a.phases[_PHASES[name]] = a.phases.get(_PHASES[name], 0.0) + seconds
 
 
 def _on_event(name: str, **_) -> None:

@@ -234,3 +234,9 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
     assert sum(p[1] for p in progs.values()) <= cold["circuit"]["compile"] + 0.01  # each rounded to 1 ms
     assert all(n == 0 for v in warm.values() for n, _ in v["programs"].values()), warm
     assert "- circuit: mask_step 1/" in (tmp_path / "cold" / "report.md").read_text()
+    # the compile seconds by phase: tracing, lowering, XLA's compile; they add up to the total
+    for v in cold.values():
+        assert set(v["compile_phases"]) <= {"trace", "lower", "xla"}
+        assert abs(sum(v["compile_phases"].values()) - v["compile"]) < 0.01
+    assert cold["circuit"]["compile_phases"]["xla"] > 0 and cold["circuit"]["compile_phases"]["trace"] > 0
+    assert "; trace " in (tmp_path / "cold" / "report.md").read_text()
