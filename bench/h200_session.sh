@@ -249,23 +249,24 @@ t = time.perf_counter(); import transformers; transformers.AutoConfig.for_model(
 print(f"import jax + GPU init {a:.1f} s; import torch {b:.1f} s; then transformers + a config {c:.1f} s")
 EOF2
 }
+# where `import transformers` spends its seconds here (cumulative, the 12 largest)
+imports_detail() {
+  python3 -X importtime -c "import transformers; transformers.AutoConfig.for_model('qwen2')" 2>&1 \
+    | sort -t'|' -k2 -n | tail -n 12
+  python3 -c "import time; t = time.perf_counter(); from transformers import PreTrainedTokenizerFast; \
+print(f'PreTrainedTokenizerFast alone {time.perf_counter() - t:.1f} s')"
+  python3 -c "import time, importlib.metadata as m; t = time.perf_counter(); n = len(list(m.distributions())); \
+print(f'{n} distributions listed in {time.perf_counter() - t:.1f} s')"
+}
+t11b() {
+  imports_detail
+  python3 bench/compile_probe.py
+}
 t11a() {
   imports
   Q10_DIR=/tmp/q11c Q10_LIMIT=${B1:-320} bash "$0" qwen10 0
   Q10_DIR=/tmp/q11w Q10_CACHE=/tmp/q11c.cache Q10_LIMIT=${B2:-230} bash "$0" qwen10 0
 }
-# the amplification step with the shared context run once (and in every row) on GPU 0,
-# beside a cold run without Triton GEMM fusions on GPU 1 (does XLA compile faster?)
-t11b() {
-  mkdir -p /tmp/bg
-  (Q10_DIR=/tmp/q11t XLA_FLAGS=--xla_gpu_enable_triton_gemm=false Q10_LIMIT=${B1:-400} bash "$0" qwen10 1 \
-    > /tmp/bg/q11t.log 2>&1) &
-  CUDA_VISIBLE_DEVICES=0 timeout "${B1:-400}" python3 bench/amplify_probe.py $GGUF --batch 8 2>&1 | grep '^{'
-  CUDA_VISIBLE_DEVICES=0 timeout "${B1:-400}" python3 bench/amplify_probe.py $GGUF --batch 56 --share on 2>&1 | grep '^{'
-  wait
-  echo "== no Triton GEMM"; cat /tmp/bg/q11t.log
-}
-
 case "${1:-}" in
   prep) prep ;;
   sbs) sbs ;;
@@ -286,5 +287,6 @@ case "${1:-}" in
   imports) imports ;;
   t11a) t11a ;;
   t11b) t11b ;;
+  imports_detail) imports_detail ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
