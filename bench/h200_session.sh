@@ -76,6 +76,11 @@ d = Path(sys.argv[1])
 for f in sorted(d.glob("stages/*/done.json"), key=lambda p: p.stat().st_mtime):
     t = json.loads(f.read_text()).get("timing", {})
     print(f"{f.parent.name:14s} " + " ".join(f"{k}={t.get(k)}" for k in ("total", "compile", "compiles", "device", "host")))
+if (d / "summary.json").is_file():
+    s = json.loads((d / "summary.json").read_text())
+    t = s["timings_seconds"]
+    print("load", t["load_model"]["total"], "setup", t.get("setup", {}).get("total"), "wall", s.get("wall_seconds"),
+          "compile", round(sum(v.get("compile", 0) for v in t.values()), 1))
 EOF2
 }
 

@@ -1,6 +1,10 @@
 """cca_jax: Constructive Circuit Amplification in JAX."""
 
-from cca_jax.cca.circuit import apply_updates as apply_circuit_updates
+from cca_jax import xla_flags as _xla_flags
+
+_xla_flags.apply()  # before JAX starts a backend (see cca_jax/xla_flags.py)
+
+from cca_jax.cca.circuit import apply_updates as apply_circuit_updates  # noqa: E402 (flags first)
 from cca_jax.cca.circuit import circuit_optimizer, circuit_value_and_grad
 from cca_jax.config import ModelConfig
 from cca_jax.errors import CCAError

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,7 @@ class _Run:
     progress: bool
     log: Callable[[str], None]
     timings: dict
+    wall: dict  # process_start_to_run, started (perf_counter at run()): see _write_summary
     placed: dict = dataclasses.field(default_factory=dict)  # the one cached copy of the weights in another layout
 
     def layout(self, kind: str, params) -> str:
@@ -123,23 +125,42 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
     amplification or fine-tuning step."""
     from cca_jax import preflight
 
-    # data, extras, output dir, model source, the mesh against the devices: before any work
-    # (a model given already on a mesh brings its own: the config's mesh places nothing)
-    preflight.check(config, run_dir, mesh=model is None or mesh_lib.mesh_of(model.params()) is None)
-    run_dir = stages.prepare_run_dir(run_dir)
+    started = time.perf_counter()
+    with timing.account() as setup:
+        # data, extras, output dir, model source, the mesh against the devices: before any work
+        # (a model given already on a mesh brings its own: the config's mesh places nothing)
+        preflight.check(config, run_dir, mesh=model is None or mesh_lib.mesh_of(model.params()) is None)
+        run_dir = stages.prepare_run_dir(run_dir)
     if not mesh_lib.is_writer():  # several processes: process 0 logs and draws progress bars
         progress, log = False, (lambda s: None)
     with stages.RunLock(run_dir):
-        return _run(config, run_dir, model, tokenizer, progress, on_amplify_step, log)
+        return _run(config, run_dir, model, tokenizer, progress, on_amplify_step, log, setup, started)
 
 
-def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that is not known:
+    the interpreter's start and the imports before ``run`` was called."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _run(config, run_dir, model, tok, progress, on_step, log, setup: timing.Account, started: float) -> dict:
     import yaml
 
-    splits, data_key = data_splits(config)  # bad data fails before anything is written or loaded
-    atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    timing.enable_cache(timing.cache_dir(config.compile_cache))
-    timings: dict[str, dict] = {}
+    age = _process_age()
+    with timing.account() as acc:
+        splits, data_key = data_splits(config)  # bad data fails before anything is written or loaded
+        atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        timing.enable_cache(timing.cache_dir(config.compile_cache))
+    setup.add(acc)
+    # the run's own time outside its stages: checks, data, the process start before ``run``
+    timings: dict[str, dict] = {"setup": setup.to_json()}
+    wall = {"process_start_to_run": None if age is None else round(age - (time.perf_counter() - started), 3),
+            "started": started}
     with timing.account() as acc, precision.for_dtype(config.dtype):  # as the stages below
         model, tok, source = _load(config, model, tok)
         if mesh_lib.mesh_of(model.params()) is not None:
@@ -149,7 +170,7 @@ def _run(config, run_dir, model, tok, progress, on_step, log) -> dict:
     timings["load_model"] = acc.to_json()
     r = _Run(config, run_dir, stages.Stages(run_dir, log), model, tok, splits,
              {"model": stages.model_identity(source), "dtype": config.dtype, "tokenizer": config.tokenizer},
-             data_key, progress, log, timings)
+             data_key, progress, log, timings, wall)
     with precision.for_dtype(model.dtype):  # float32 runs: full float32 matmuls on GPUs too
         return _stages(r, config, on_step)
 
@@ -189,7 +210,7 @@ def _stages(r: "_Run", config: RunConfig, on_step) -> dict:
     if export_dir is not None and config.method != "cca":
         summary["export_dir"] = export_dir
     _add_side_effects(r, summary, trained.params, test_key)
-    return _write_summary(summary, r.dir, r.log)
+    return _write_summary(summary, r.dir, r.log, r.wall)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -573,14 +594,24 @@ def _add_side_effects(r: _Run, summary, params_after, after_key):
                                        for t, v in summary["side_effects"].items()))
 
 
-def _write_summary(summary: dict, run_dir: Path, log) -> dict:
+def _write_summary(summary: dict, run_dir: Path, log, wall: dict | None = None) -> dict:
+    """summary.json, then the plots and report.md; with ``wall`` (the run's), the seconds
+    of the whole run: from the process's start to ``run``, in ``run`` up to the summary,
+    the plots and report (summary.json written again with them)."""
+    if wall is not None:
+        summary["wall_seconds"] = {"process_start_to_run": wall["process_start_to_run"],
+                                   "run": round(time.perf_counter() - wall["started"], 3)}
     atomic.write_json(run_dir / "summary.json", summary)
+    t = time.perf_counter()
     try:
         from cca_jax import report
 
         report.plots(summary, run_dir)
     except ImportError as err:  # matplotlib is in the [viz] extra
         log(f"plots skipped ({err}): pip install 'cca-jax[viz]'")
+    if wall is not None:
+        summary["wall_seconds"]["plots_and_report"] = round(time.perf_counter() - t, 3)
+        atomic.write_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -166,6 +166,12 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
             lines += ["", "Slowest programs to compile (compiles / seconds):"]
             lines += [f"- {k}: " + ", ".join(f"{n} {c}/{sec:.1f}" for n, (c, sec) in list(v["programs"].items())[:4])
                       + _phases(v) for k, v in slow]
+        w = summary.get("wall_seconds") or {}
+        if w.get("run") is not None:
+            start = w.get("process_start_to_run")
+            lines += ["", f"Whole run: {w['run']:.1f} s in `run` up to summary.json"
+                      + (f", after {start:.1f} s from the process's start (interpreter, imports)" if start else "")
+                      + "; the stages above, the rest is the run's own bookkeeping."]
         for k, v in t.items():  # the training loop's own split (this process's part of it)
             loop = v.get("loop") if isinstance(v, dict) else None
             if loop:

@@ -46,3 +46,30 @@ def test_stop_rule_keeps_through_answer_period_or_before_new_question():
     assert rule([ord(c) for c in " The answer is 3."]) is None  # might still be a decimal
     ids = [ord(c) for c in " 4 apples\nQ: what"]
     assert "".join(map(chr, ids[: rule(ids)])) == " 4 apples\n"
+
+
+class WordTok:
+    """Tokens of several characters (a word and its space), as a BPE vocabulary has them."""
+
+    def __init__(self, text):
+        import re
+
+        self.pieces = re.findall(r"\s*\S+", text)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize("text", [
+    " We add 3 and 4. The final answer is 7. Then more words follow here",
+    " 12 + 30 = 42 so the answer is 42.\nQ: and then",
+    " The answer is 1,250. Next the answer is 9. end",
+])
+def test_stop_rule_keeps_the_fewest_tokens_that_reach_the_answer(text):
+    """The answer's end is searched down from the row's end; it is the fewest tokens whose
+    text reaches it, as the search up from the first token finds."""
+    tok = WordTok(text)
+    ids = list(range(len(tok.pieces)))
+    target = answers._STOP_ANSWER.search(text).end()
+    fewest = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= target)
+    assert answers.stop_rule(tok)(ids) == fewest

@@ -23,7 +23,7 @@ def _master(run_dir):
 
 
 def _strip(summary):
-    return {k: v for k, v in summary.items() if k != "timings_seconds"}
+    return {k: v for k, v in summary.items() if k not in ("timings_seconds", "wall_seconds")}
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,12 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
         assert abs(sum(v["compile_phases"].values()) - v["compile"]) < 0.01
     assert cold["circuit"]["compile_phases"]["xla"] > 0 and cold["circuit"]["compile_phases"]["trace"] > 0
     assert "; trace " in (tmp_path / "cold" / "report.md").read_text()
+    # the run's time outside the stages: its checks and data (setup), the process start
+    # before run() and the whole run; the stages fit inside it
+    for name in ("cold", "warm"):
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        w = s["wall_seconds"]
+        assert w["process_start_to_run"] > 0 and w["plots_and_report"] > 0
+        assert sum(v["total"] for v in s["timings_seconds"].values()) <= w["run"] + 0.01
+        assert s["timings_seconds"]["setup"]["total"] > 0
+    assert "Whole run: " in (tmp_path / "cold" / "report.md").read_text()

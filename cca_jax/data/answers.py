@@ -66,11 +66,13 @@ def stop_rule(tokenizer):
         if q is None and a is None:
             return None
         if a is not None and (q is None or a.end() <= q.start()):
-            target = a.end()  # keep through the answer's period
-            for k in range(1, len(ids) + 1):
-                if len(tokenizer.decode(list(ids[:k]), skip_special_tokens=False)) >= target:
-                    return k
-            return len(ids)
+            target = a.end()  # keep through the answer's period: the fewest tokens whose text
+            # reaches it, searched down from the end (rows are checked every few tokens, so
+            # the answer ends near the end: a few decodes, not one per token of the row)
+            k = len(ids)
+            while k > 1 and len(tokenizer.decode(list(ids[:k - 1]), skip_special_tokens=False)) >= target:
+                k -= 1
+            return k
         # a new question starts: keep the tokens before its "Q"
         cut = q.end() - 2
         k = len(ids)
