@@ -1,5 +1,9 @@
 """cca_jax: Constructive Circuit Amplification in JAX."""
 
+import time as _time
+
+IMPORTED_AT = _time.perf_counter()  # a run's summary counts its start-up from here (wall_seconds)
+
 from cca_jax import xla_flags as _xla_flags
 
 _xla_flags.apply()  # before JAX starts a backend (see cca_jax/xla_flags.py)

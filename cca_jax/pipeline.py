@@ -54,7 +54,7 @@ class _Run:
     progress: bool
     log: Callable[[str], None]
     timings: dict
-    wall: dict  # process_start_to_run, started (perf_counter at run()): see _write_summary
+    wall: dict  # import_to_run, started (perf_counter at run()): see _write_summary
     placed: dict = dataclasses.field(default_factory=dict)  # the one cached copy of the weights in another layout
 
     def layout(self, kind: str, params) -> str:
@@ -137,21 +137,9 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
         return _run(config, run_dir, model, tokenizer, progress, on_amplify_step, log, setup, started)
 
 
-def _process_age() -> float | None:
-    """Seconds since this process started (Linux: /proc), None where that is not known:
-    the interpreter's start and the imports before ``run`` was called."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
 def _run(config, run_dir, model, tok, progress, on_step, log, setup: timing.Account, started: float) -> dict:
     import yaml
 
-    age = _process_age()
     with timing.account() as acc:
         splits, data_key = data_splits(config)  # bad data fails before anything is written or loaded
         atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -159,8 +147,9 @@ def _run(config, run_dir, model, tok, progress, on_step, log, setup: timing.Acco
     setup.add(acc)
     # the run's own time outside its stages: checks, data, the process start before ``run``
     timings: dict[str, dict] = {"setup": setup.to_json()}
-    wall = {"process_start_to_run": None if age is None else round(age - (time.perf_counter() - started), 3),
-            "started": started}
+    import cca_jax
+
+    wall = {"import_to_run": round(started - cca_jax.IMPORTED_AT, 3), "started": started}
     with timing.account() as acc, precision.for_dtype(config.dtype):  # as the stages below
         model, tok, source = _load(config, model, tok)
         if mesh_lib.mesh_of(model.params()) is not None:
@@ -258,7 +247,8 @@ def _resolved(source: str) -> str:
 
 def data_splits(config: RunConfig):
     """(train/val/test splits of the config's GSM-Symbolic items, the digest of the items)."""
-    items = gsm_symbolic.load_items(config.data.templates, config.data.per_template, config.data.seed)
+    items = gsm_symbolic.load_items(config.data.templates, config.data.per_template, config.data.seed,
+                                    config.data.template_ids)
     if config.data.template_ids is not None:
         items = [it for it in items if it.template in set(config.data.template_ids)]
     if not items:
@@ -596,10 +586,11 @@ def _add_side_effects(r: _Run, summary, params_after, after_key):
 
 def _write_summary(summary: dict, run_dir: Path, log, wall: dict | None = None) -> dict:
     """summary.json, then the plots and report.md; with ``wall`` (the run's), the seconds
-    of the whole run: from the process's start to ``run``, in ``run`` up to the summary,
-    the plots and report (summary.json written again with them)."""
+    of the whole run: from ``import cca_jax`` to ``run`` (a CLI run's start-up, all but the
+    interpreter's own), in ``run`` up to the summary, the plots and report (summary.json
+    written again with them)."""
     if wall is not None:
-        summary["wall_seconds"] = {"process_start_to_run": wall["process_start_to_run"],
+        summary["wall_seconds"] = {"import_to_run": wall["import_to_run"],
                                    "run": round(time.perf_counter() - wall["started"], 3)}
     atomic.write_json(run_dir / "summary.json", summary)
     t = time.perf_counter()

@@ -168,9 +168,9 @@ def markdown(summary: dict, run_dir: str | Path, files: list[Path] | None = None
                       + _phases(v) for k, v in slow]
         w = summary.get("wall_seconds") or {}
         if w.get("run") is not None:
-            start = w.get("process_start_to_run")
+            start = w.get("import_to_run")
             lines += ["", f"Whole run: {w['run']:.1f} s in `run` up to summary.json"
-                      + (f", after {start:.1f} s from the process's start (interpreter, imports)" if start else "")
+                      + (f", after {start:.1f} s from `import cca_jax` (start-up)" if start else "")
                       + "; the stages above, the rest is the run's own bookkeeping."]
         for k, v in t.items():  # the training loop's own split (this process's part of it)
             loop = v.get("loop") if isinstance(v, dict) else None

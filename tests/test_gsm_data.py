@@ -66,3 +66,18 @@ def test_select_round_robin():
     sel = gsm.select(items, templates=[100, 102], limit=5)
     assert [i.template for i in sel] == [100, 102, 100, 102, 100]
     assert gsm.select(items, templates=[999]) == []
+
+
+def test_template_ids_instantiate_only_those_templates_and_give_the_same_items(monkeypatch):
+    """data.template_ids: only the chosen templates are instantiated (a run of 10 of 100
+    templates makes 10 templates' items), and they are the items a full load selects."""
+    from cca_jax.data import templates as tlib
+
+    full = gsm_symbolic.load_items("builtin", 3, 0)
+    ids = sorted({it.template for it in full})[1:3]
+    made = []
+    real = tlib.instances
+    monkeypatch.setattr(tlib, "instances", lambda t, *a, **k: made.append(t.id) or real(t, *a, **k))
+    some = gsm_symbolic.load_items("builtin", 3, 0, template_ids=ids)
+    assert made == ids
+    assert some == [it for it in full if it.template in ids]

@@ -161,9 +161,12 @@ def toy_digits(per_template: int, seed: int) -> list[Item]:
     return items
 
 
-def load_items(source: str, per_template: int = 50, seed: int = 0) -> list[Item]:
+def load_items(source: str, per_template: int = 50, seed: int = 0, template_ids=None) -> list[Item]:
     """One entry point for the CLI: "builtin", "hub:main|p1|p2", "toy:digits", a .jsonl
-    file, or a directory of templates (instantiated with ``per_template`` and ``seed``)."""
+    file, or a directory of templates (instantiated with ``per_template`` and ``seed``).
+    ``template_ids``: of templates, only these are instantiated (each template's instances
+    depend on (seed, its id) alone, so they are the ones a full load gives); other
+    sources are returned whole (the caller selects)."""
     if source.startswith("hub:"):
         return from_hub(source[4:])
     if source == "toy:digits":
@@ -173,7 +176,11 @@ def load_items(source: str, per_template: int = 50, seed: int = 0) -> list[Item]
         return read_jsonl(p)
     if source != "builtin" and not p.exists():
         raise CCAError(f"no such file or directory: {source} (data is builtin, hub:main|p1|p2, a .jsonl or a template dir)")
-    return from_templates(load_template_source(source), per_template, seed)
+    templates = load_template_source(source)
+    if template_ids is not None:
+        wanted = set(template_ids)
+        templates = [t for t in templates if t.id in wanted]
+    return from_templates(templates, per_template, seed)
 
 
 def write_jsonl(items: Iterable[Item | dict], path: str | os.PathLike) -> Path:
