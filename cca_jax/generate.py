@@ -148,10 +148,8 @@ class _Plan:
     prefix: KVCache | None  # the shared prefix's one-row cache
 
 
-def _plan(model, prompts, config: GenerationConfig) -> _Plan:
-    cfg, stacked = model.config, model.params()
-    params = mesh_lib.per_layer(stacked)  # unstack_layers; unmerged when heads are split over devices
-    eos = jnp.asarray(_eos_ids(model, config.eos_token_id))
+def _layout(prompts, config: GenerationConfig) -> tuple[int, int, int]:
+    """(shared prefix length, suffix length, cache slots) of a call: its programs' shapes."""
     shared = common_prefix_len(prompts) if config.share_prefix and len(prompts) > 1 else 0
     if shared >= config.shared_bucket > 0:
         shared -= shared % config.shared_bucket
@@ -161,6 +159,22 @@ def _plan(model, prompts, config: GenerationConfig) -> _Plan:
     suffix_len = _bucket(max(len(p) - shared for p in prompts), SUFFIX_BUCKET)
     # room for whole decode chunks: the last one runs a full chunk too (see _launch)
     size = _bucket(shared + suffix_len + _bucket(config.max_new_tokens, config.chunk), 128)
+    return shared, suffix_len, size
+
+
+def _batch_rows(n: int, config: GenerationConfig, many: bool) -> int:
+    """Rows of a batch of ``n`` prompts: padded rows (copies of the last; dropped after)
+    keep the compiled shapes few: every batch of a long call (``many``) or of fixed rows
+    has batch_size rows, a lone batch a power of two (calls of 22, 23, 24 and 30 prompts
+    share one program; decoding is bound by reading the weights, so extra rows cost little)."""
+    return config.batch_size if many else min(config.batch_size, 1 << (n - 1).bit_length())
+
+
+def _plan(model, prompts, config: GenerationConfig) -> _Plan:
+    cfg, stacked = model.config, model.params()
+    params = mesh_lib.per_layer(stacked)  # unstack_layers; unmerged when heads are split over devices
+    eos = jnp.asarray(_eos_ids(model, config.eos_token_id))
+    shared, suffix_len, size = _layout(prompts, config)
     prefix = None
     if shared:
         # sized for the prefix alone (grown for each batch): one program for any budget
@@ -215,12 +229,7 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
     """One batch: prefill its suffixes on the shared prefix, decode, cut each row."""
     rows = [p[plan.shared:] for p in prompts]
     n = len(rows)
-    # padded rows (copies of the last; dropped below) keep the compiled shapes few: the
-    # last batch of a long call to the full size, a lone batch to a power of two (calls of
-    # 22, 23, 24 and 30 prompts share one program; decoding is bound by reading the
-    # weights, so the extra rows cost little)
-    size = config.batch_size if pad_rows else min(config.batch_size, 1 << (n - 1).bit_length())
-    rows = rows + [rows[-1]] * (size - n)
+    rows = rows + [rows[-1]] * (_batch_rows(n, config, pad_rows) - n)
     # on a mesh, whole rows per device: padded to a multiple of the data axis (the rows
     # already there draw the same random numbers: they depend on the row, not the count)
     rows = rows + [rows[-1]] * (mesh_lib.padded_rows(plan.stacked, len(rows)) - len(rows))
@@ -286,6 +295,7 @@ def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationCon
         return []
     _check_request(prompts, config, key)
     key = key if key is not None else jax.random.key(0)
+    wait_for_warm(model, prompts, config)
     plan = _plan(model, prompts, config)
     draft = None
     if config.speculative != "off":
@@ -316,3 +326,89 @@ def generate_with(model, prompts: Sequence[Sequence[int]], config: GenerationCon
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+def warm(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options):
+    """Compile, on a background thread, the prefill and decode programs that
+    ``generate(model, prompts, max_new_tokens, **options)`` will run, while the device
+    works on something else; started thread, or None where nothing is warmed.
+
+    The call finds the programs ready: JAX keeps what ``lower(...).compile()`` built for
+    the jitted function's later calls, and the persistent compilation cache holds them too
+    where it is on. Their compile time is reported as ``compile_background`` in a run's
+    timings, off its critical path. Not on a device mesh or with speculative decoding
+    (their layouts are not worked out here)."""
+    import threading
+
+    config = GenerationConfig.of(max_new_tokens, **options)
+    stacked = model.params()
+    if not prompts or config.speculative != "off" or mesh_lib.mesh_of(stacked) is not None:
+        return None
+    prompts = [list(p) for p in prompts]
+    sig = _signature(model, prompts, config)
+    if sig in _WARMING:
+        return _WARMING[sig]
+    specs = _warm_specs(model, prompts, config)
+    # JAX keys programs on the caller's thread-local matmul precision (precision.for_dtype):
+    # the thread traces under the same one
+    thread = threading.Thread(target=timing.in_background,
+                              args=(_compile_all, specs, jax.config.jax_default_matmul_precision), daemon=True,
+                              name="cca_jax-warm")
+    _WARMING[sig] = thread
+    thread.start()
+    return thread
+
+
+# the calls being warmed, by their programs' signature: a call waits for its own (the rest
+# of a compile already under way) instead of compiling the same programs a second time
+_WARMING: dict = {}
+
+
+def _first_rows(n: int, config: GenerationConfig) -> int:
+    return _batch_rows(min(n, config.batch_size), config, config.fixed_rows or n > config.batch_size)
+
+
+def _signature(model, prompts, config: GenerationConfig) -> tuple:
+    """What a call's prefill and decode programs depend on (besides the weights' shapes)."""
+    return (model.config, str(model.dtype), _layout(prompts, config), _first_rows(len(prompts), config),
+            config.sampling, config.chunk, config.write_first, len(_eos_ids(model, config.eos_token_id)))
+
+
+def wait_for_warm(model, prompts, config: GenerationConfig) -> None:
+    """Wait for a background compile of this call's programs, if one is under way."""
+    if _WARMING:
+        thread = _WARMING.pop(_signature(model, prompts, config), None)
+        if thread is not None:
+            thread.join()
+
+
+def _warm_specs(model, prompts, config: GenerationConfig) -> list:
+    """(jitted function, arguments) of a call's batch prefill and decode chunk, abstract
+    where the call makes them: the avals ``_generate_batch`` and ``_launch`` pass."""
+    cfg, stacked = model.config, model.params()
+    shared, suffix_len, size = _layout(prompts, config)
+    rows = _first_rows(len(prompts), config)
+    dt = model.dtype
+    sds = jax.ShapeDtypeStruct
+
+    def cache(slots, empty):
+        kv = sds((rows, cfg.num_kv_heads, slots, cfg.head_dim), dt)
+        return KVCache(k=(kv,) * cfg.num_layers, v=(kv,) * cfg.num_layers, pos=sds((rows, slots), jnp.int32),
+                       index=sds((), jnp.int32), empty=empty)
+
+    toks = sds((rows, suffix_len), jnp.int32)
+    prefill_args = (cfg, stacked, toks, sds((rows, suffix_len), jnp.bool_), cache(shared + suffix_len, not shared))
+    layers = jax.eval_shape(mesh_lib.per_layer, stacked)
+    eos = sds((len(_eos_ids(model, config.eos_token_id)),), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0))[1])
+    decode_args = (cfg, layers, cache(size, False), sds((rows, cfg.vocab_size), jnp.float32), sds((rows,), jnp.bool_),
+                   key, eos, sds((), jnp.int32, weak_type=True), config.chunk, config.sampling, config.write_first)
+    return [(prefill, prefill_args), (decode_chunk, decode_args)]
+
+
+def _compile_all(specs, matmul_precision) -> None:
+    import contextlib
+
+    with jax.default_matmul_precision(matmul_precision) if matmul_precision else contextlib.nullcontext():
+        for fn, args in specs:
+            fn.lower(*args).compile()

@@ -275,17 +275,43 @@ def _base_eval(r: _Run):
     key = digest([r.model_key, r.data_key, dataclasses.asdict(r.config.eval)])
     d = r.stages.dir("base_eval")
     with r.stage("base_eval", key) as todo:
+        if todo:
+            # the test budget's programs compile on a background thread while train and val
+            # generate (a first run's compile time, off its critical path)
+            ev = r.config.eval
+            gsm.warm(r.model_for("generate"), r.tok, r.splits["test"], max_new_tokens=ev.test_max_new_tokens,
+                     batch_size=ev.batch_size, n_shots=ev.shots, chat_template=ev.chat_template,
+                     generation=r.config.generation.options(r.config.dtype))
         for split in ("train", "val", "test") if todo else ():
             _, recs = r.evaluate(r.model_for("generate"), split, f"base {split}")
             gsm_symbolic.write_jsonl(recs, _records_path(d, split))
+            if split == "train" and r.config.method == "cca" and r.config.data.select_on == "train":
+                _warm_localize(r, recs)  # ... and pivot sampling's while val and test generate
     return key, {s: _read_records(_records_path(d, s)) for s in ("train", "val", "test")}
+
+
+def _selection(r: _Run, base) -> tuple[list[int], dict]:
+    """(the templates CCA works on: base accuracy below data.select_threshold, accuracy per template)."""
+    dc = r.config.data
+    pool = base["train"] if dc.select_on == "train" else base["train"] + base["val"] + base["test"]
+    per_t = gsm.accuracy(pool).per_template
+    return sorted(t for t, a in per_t.items() if a < dc.select_threshold), per_t
+
+
+def _warm_localize(r: _Run, train_records) -> None:
+    """Compile pivot sampling's programs ahead (``pivots.warm``) for the templates the train
+    records select (a base evaluation that runs is followed by a localization that runs)."""
+    from cca_jax.cca import pivots
+
+    selected, _ = _selection(r, {"train": train_records})
+    if selected:
+        greedy, _, gen_kw, pc = _pivot_inputs(r, {"train": train_records}, selected)
+        pivots.warm(r.model_for("generate"), greedy, pc, {k: v for k, v in gen_kw.items() if k != "stop"})
 
 
 def _select_templates(r: _Run, base) -> list[int]:
     dc = r.config.data
-    pool = base["train"] if dc.select_on == "train" else base["train"] + base["val"] + base["test"]
-    per_t = gsm.accuracy(pool).per_template
-    selected = sorted(t for t, a in per_t.items() if a < dc.select_threshold)
+    selected, per_t = _selection(r, base)
     r.log(f"selected {len(selected)}/{len(per_t)} templates with base accuracy < {dc.select_threshold}")
     if not selected:
         raise CCAError(f"no template scores below data.select_threshold={dc.select_threshold}: "
@@ -315,8 +341,9 @@ def _localize(r: _Run, base_key, base, selected):
     return key, examples, stats
 
 
-def _pivotal_tokens(r: _Run, base, selected):
-    """SPEC 2 on the selected templates' train items: (examples, stats)."""
+def _pivot_inputs(r: _Run, base, selected):
+    """(greedy traces, their train records, generate options, pivot config) of SPEC 2 on
+    the selected templates' train items."""
     from cca_jax.cca import pivots
     from cca_jax.generate import stop_ids
 
@@ -324,15 +351,23 @@ def _pivotal_tokens(r: _Run, base, selected):
     train = [rec for rec in base["train"] if rec["template"] in set(selected)]
     greedy = [pivots.Trace(tuple(rec["prompt_tokens"]), tuple(rec["generated_tokens"]), bool(rec["correct"]))
               for rec in train]
+    gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
+                  eos_token_id=stop_ids(r.model, r.tok), **r.config.generation.options(r.config.dtype))
+    return greedy, train, gen_kw, dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
+
+
+def _pivotal_tokens(r: _Run, base, selected):
+    """SPEC 2 on the selected templates' train items: (examples, stats)."""
+    from cca_jax.cca import pivots
+
+    ev = r.config.eval
+    greedy, train, gen_kw, pc = _pivot_inputs(r, base, selected)
     golds = [rec["gold"] for rec in train]
 
     def judge_for(i):
         return lambda ids: answers.is_correct(
             answers.extract(r.tok.decode(list(ids), skip_special_tokens=True), ev.answer_mode), golds[i])
 
-    gen_kw = dict(stop=answers.stop_rule(r.tok), batch_size=ev.batch_size, pad_token_id=r.pad,
-                  eos_token_id=stop_ids(r.model, r.tok), **r.config.generation.options(r.config.dtype))
-    pc = dataclasses.replace(r.config.pivots, max_new_tokens=ev.max_new_tokens)
     items = [(rec["template"], rec["instance"]) for rec in train]
     return pivots.localize(r.model_for("generate"), greedy, items, judge_for, pc, gen_kw, progress=r.progress)
 
@@ -348,6 +383,10 @@ def _circuit(r: _Run, loc_key, examples):
     d = r.stages.dir("circuit")
     with r.stage("circuit", key) as todo:
         if todo:
+            if cfg.method == "cca" and mesh_lib.mesh_of(r.model.params()) is None:
+                from cca_jax.cca import amplify  # its gradient compiles while the circuit is found
+
+                amplify.warm(r.model, examples, cfg.amplify, r.pad)
             _find_circuit(r, d, examples)
     mask = components.load(d / "mask.npz")
     components.check(mask, r.model.config)

@@ -54,6 +54,10 @@ class Account:
     programs: dict = dataclasses.field(default_factory=dict)
     # compile seconds by phase (trace, lower, xla): what a faster compile would have to cut
     phases: dict = dataclasses.field(default_factory=dict)
+    # compiles run ahead on a background thread (generate.warm) while the device works:
+    # seconds and XLA compiles, not part of ``compile`` (they are off the critical path)
+    background: float = 0.0
+    background_compiles: int = 0
 
     def add(self, other: "Account") -> None:
         """Sum ``other``'s seconds and counts into this one (the parts of a loop)."""
@@ -62,6 +66,8 @@ class Account:
         self.compiles += other.compiles
         self.cache_hits += other.cache_hits
         self.device += other.device
+        self.background += other.background
+        self.background_compiles += other.background_compiles
 
     def split(self) -> dict:
         """Seconds compiling, waiting for the device, and the host's own (the rest)."""
@@ -75,7 +81,8 @@ class Account:
                 "cache_hits": self.cache_hits, "device": sp["device"], "host": sp["host"],
                 "peak_bytes_per_device": self.peak_bytes, "memory": self.memory,
                 "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001},
-                "compile_phases": {k: round(v, 3) for k, v in self.phases.items()}}
+                "compile_phases": {k: round(v, 3) for k, v in self.phases.items()},
+                "compile_background": round(self.background, 3), "compiles_background": self.background_compiles}
 
 
 TOP_PROGRAMS = 8  # the slowest programs to compile, per stage, in summary.json
@@ -85,9 +92,30 @@ _open: list[Account] = []  # accounts being filled (nested stages: every enclosi
 _lock = threading.Lock()
 _listening = False
 _hit = threading.local()  # a cache hit reported inside the backend compile that follows it
+_background = threading.local()  # set on threads that compile ahead (in_background)
+
+
+def in_background(fn, *args) -> None:
+    """Run ``fn(*args)`` as this thread's work of compiling ahead: its compile events count
+    as ``compile_background``. A failure is dropped: the call it prepared for compiles on
+    its own (what it would have done anyway)."""
+    _listen()
+    _background.on = True
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 (ahead-of-time work only: never the run's failure)
+        pass
 
 
 def _on_duration(name: str, seconds: float, **kw) -> None:
+    if name in _COMPILE and getattr(_background, "on", False):
+        with _lock:
+            for a in _open:
+                a.background += seconds
+                a.background_compiles += name == _BACKEND and not getattr(_hit, "pending", False)
+        if name == _BACKEND:
+            _hit.pending = False
+        return
     if name in _COMPILE:
         fun = str(kw.get("fun_name", "?"))  # JAX names the function: "f" when tracing, "jit(f)" compiling
         fun = fun[4:-1] if fun.startswith("jit(") and fun.endswith(")") else fun
@@ -104,6 +132,9 @@ def _on_duration(name: str, seconds: float, **kw) -> None:
 
 
 def _on_event(name: str, **_) -> None:
+    if name == _HIT and getattr(_background, "on", False):
+        _hit.pending = True
+        return
     if name == _HIT:
         _hit.pending = True
         with _lock:

@@ -255,3 +255,58 @@ def test_generation_config_is_what_the_keywords_build(hf_dirs):
     got = generate_with(model, prompts, config)
     assert got == generate(model, prompts, 5, eos_token_id=[], chunk=2)
     assert all(len(r) == 5 for r in got)
+
+
+WARM_SCRIPT = r"""
+import json, sys
+import numpy as np
+import cca_jax
+from cca_jax import timing
+from cca_jax.generate import generate, warm
+
+timing.enable_cache(timing.cache_dir(sys.argv[1]))
+model, _ = cca_jax.load_model("configs/models/tiny-llama.yaml")
+rng = np.random.default_rng(3)
+context = list(rng.integers(3, 100, size=40))
+kw = dict(eos_token_id=[], chunk=4, batch_size=4)
+test = [context + list(rng.integers(3, 100, size=n)) for n in (3, 5, 8)]
+sampled = dict(temperature=1.0, top_k=5, key=None)
+with timing.account() as ahead:
+    t1 = warm(model, test, 30, **kw)  # a budget of its own: a cache of other slots
+    t2 = warm(model, test, 12, temperature=1.0, top_k=5, **kw)
+    t1.join(); t2.join()
+import jax
+with timing.account() as acc:
+    out = generate(model, test, 30, **kw)
+    generate(model, test, 12, temperature=1.0, top_k=5, key=jax.random.key(0), **kw)
+print(json.dumps({"ahead": ahead.to_json(), "call": acc.to_json(), "out": out}))
+"""
+
+
+def test_programs_compiled_ahead_are_found_by_the_call(tmp_path):
+    """generate.warm compiles a later call's prefill and decode programs on a background
+    thread (counted as compile_background); the call then finds them ready: it compiles
+    neither, and gives the tokens it gives cold."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(tmp_path / "xla")], cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    ahead, call = got["ahead"], got["call"]
+    # one prefill (budgets and sampling share it) and two decode programs
+    assert ahead["compiles_background"] == 3 and ahead["compile_background"] > 0
+    assert ahead["compiles"] == 0  # the thread's compiles are not the caller's
+    # the call compiles only its one-row shared prefix's prefill (not warmed): the batch
+    # prefill and both decode programs were ready (in memory, or from the persistent cache)
+    progs = call["programs"]
+    assert progs.get("decode_chunk", [0])[0] == 0 and progs["prefill"][0] == 1, progs
+    model, _ = cca_jax.load_model(str(root / "configs/models/tiny-llama.yaml"))
+    rng = np.random.default_rng(3)
+    context = list(rng.integers(3, 100, size=40))
+    test = [context + list(rng.integers(3, 100, size=n)) for n in (3, 5, 8)]
+    assert got["out"] == generate(model, test, 30, eos_token_id=[], chunk=4, batch_size=4)

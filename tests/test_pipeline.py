@@ -249,3 +249,10 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
         assert sum(v["total"] for v in s["timings_seconds"].values()) <= w["run"] + 0.01
         assert s["timings_seconds"]["setup"]["total"] > 0
     assert "Whole run: " in (tmp_path / "cold" / "report.md").read_text()
+    # compiled ahead on background threads while the device worked (generate.warm,
+    # amplify.warm): the test budget's and pivot sampling's programs during the base
+    # evaluation, amplification's gradient during DCM; their stages then compile none
+    assert cold["base_eval"]["compiles_background"] >= 2 and cold["circuit"]["compiles_background"] == 1
+    assert cold["localize"]["programs"].get("decode_chunk", [0])[0] == 0, cold["localize"]["programs"]
+    assert cold["amplify"]["programs"].get("grad_sum", [0])[0] == 0, cold["amplify"]["programs"]
+    assert all(v["compiles_background"] == 0 for v in warm.values())

@@ -188,6 +188,43 @@ def shared_context(examples: Sequence, share: bool = True) -> tuple[np.ndarray |
             [dataclasses.replace(e, prefix=e.prefix[P:]) for e in examples])
 
 
+def warm(model, examples: Sequence, config: AmplifyConfig, pad_token_id: int = 0):
+    """Compile ahead, on a background thread, the gradient program ``Amplifier`` will run
+    on ``examples`` (its leaves chosen by ``config.targets``, as any circuit with rows in
+    each target chooses them), while the device works on something else (DCM): the
+    started thread, or None (no examples; a device mesh)."""
+    import threading
+
+    from cca_jax.cca.examples import batches as make_batches
+
+    params = model.params()
+    if not examples or mesh_lib.mesh_of(params) is not None:
+        return None
+    if config.update_using_mask:
+        selection, _ = circuit.circuit_masks(None, params, config.targets, config.biases)
+    else:
+        selection, _ = circuit.circuit_masks(None, params, targets="all")
+    train, frozen = split_params(params, selection)
+    prefix, rest = shared_context(examples, config.share_prefix)
+    b = make_batches(rest, config.batch_size, seed=0, pad=pad_token_id, pad_rows=True)[0]
+    sds = jax.ShapeDtypeStruct
+    args = (jax.tree.map(lambda x: sds(x.shape, model.dtype), train), frozen, model.config,
+            sds(b.tokens.shape, jnp.int32), sds(b.mask.shape, jnp.bool_), sds(b.desired.shape, jnp.int32),
+            sds(b.undesired.shape, jnp.int32), config.remat, config.unroll, sds(b.weights.shape, jnp.float32),
+            None if prefix is None else sds(prefix.shape, jnp.int32))
+    precision_now = jax.config.jax_default_matmul_precision  # the caller's (thread-local) setting
+
+    def compile_grad():
+        import contextlib
+
+        with jax.default_matmul_precision(precision_now) if precision_now else contextlib.nullcontext():
+            grad_sum.lower(*args).compile()
+
+    thread = threading.Thread(target=timing.in_background, args=(compile_grad,), daemon=True, name="cca_jax-warm")
+    thread.start()
+    return thread
+
+
 def working_params(master, frozen, dtype):
     return merge_params(jax.tree.map(lambda x: x.astype(dtype), master), frozen)
 

@@ -119,6 +119,30 @@ def branching_pivot(model, greedy: Trace, sampled: Trace, judge: Callable[[Seque
     return None
 
 
+def _temperature(config: PivotConfig, correct: bool) -> float:
+    return 1.0 if config.temperature_mode == "reference" else (1.2 if correct else 0.8)
+
+
+def _round_kwargs(config: PivotConfig, gen_kw: dict, items: int) -> dict:
+    if config.batch_size is not None and items:  # one batch shape for every round
+        return {**gen_kw, "batch_size": sampling_rows(config.batch_size, items), "fixed_rows": True}
+    return gen_kw
+
+
+def warm(model, greedy: Sequence[Trace], config: PivotConfig, gen_kw: dict) -> list:
+    """Compile ahead, on background threads, the sampling programs of ``localize``'s first
+    round (with ``batch_size`` set, every round's): the started threads."""
+    from cca_jax.generate import warm as warm_generate
+
+    kw = {k: v for k, v in _round_kwargs(config, gen_kw, len(greedy)).items() if k != "stop"}
+    by_temp: dict[float, list] = {}
+    for g in greedy:
+        by_temp.setdefault(_temperature(config, g.correct), []).append(list(g.prompt))
+    threads = [warm_generate(model, prompts, config.max_new_tokens, temperature=t, top_k=config.top_k, **kw)
+               for t, prompts in sorted(by_temp.items())]
+    return [t for t in threads if t is not None]
+
+
 def localize(model, greedy: Sequence[Trace], keys: Sequence[tuple[int, int]],
              judge_for: Callable[[int], Callable[[Sequence[int]], bool]], config: PivotConfig,
              gen_kw: dict, progress: bool = True) -> tuple[list[LocalizationExample], dict]:
@@ -127,8 +151,7 @@ def localize(model, greedy: Sequence[Trace], keys: Sequence[tuple[int, int]],
     examples and counts (items, with a differing sample, examples, dropped)."""
     key = jax.random.key(config.seed)
     pending = list(range(len(greedy)))
-    if config.batch_size is not None and pending:  # one batch shape for every round
-        gen_kw = {**gen_kw, "batch_size": sampling_rows(config.batch_size, len(pending)), "fixed_rows": True}
+    gen_kw = _round_kwargs(config, gen_kw, len(pending))
     found: dict[int, Trace] = {}
     bar = None
     if progress:
@@ -140,8 +163,7 @@ def localize(model, greedy: Sequence[Trace], keys: Sequence[tuple[int, int]],
             break
         by_temp: dict[float, list[int]] = {}  # one generate call per temperature
         for i in pending:
-            t = 1.0 if config.temperature_mode == "reference" else (1.2 if greedy[i].correct else 0.8)
-            by_temp.setdefault(t, []).append(i)
+            by_temp.setdefault(_temperature(config, greedy[i].correct), []).append(i)
         for t, group in sorted(by_temp.items()):
             key, sub = jax.random.split(key)
             outs = generate(model, [list(greedy[i].prompt) for i in group], config.max_new_tokens,

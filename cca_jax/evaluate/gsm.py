@@ -65,6 +65,25 @@ def accuracy(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> Accu
     return Accuracy(overall, float(low), float(high), per, len(records), how)
 
 
+def _generate_options(model, tokenizer, batch_size: int, generation: dict | None) -> dict:
+    """The ``generate`` options of an evaluation (also what ``warm`` compiles for)."""
+    from cca_jax.generate import stop_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return dict(batch_size=batch_size, eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad,
+                **(generation or {}))
+
+
+def warm(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 512, batch_size: int = 32,
+         n_shots: int = 8, chat_template: bool = False, generation: dict | None = None):
+    """Compile ahead, on a background thread, the programs ``evaluate`` with these
+    arguments will run (``generate.warm``): the thread, or None."""
+    from cca_jax.generate import warm as warm_generate
+
+    prompts = [encode(tokenizer, it.question, n_shots, chat_template) for it in items]
+    return warm_generate(model, prompts, max_new_tokens, **_generate_options(model, tokenizer, batch_size, generation))
+
+
 def evaluate(
     model,
     tokenizer,
@@ -82,7 +101,7 @@ def evaluate(
     """Greedy-generate an answer for every item and score it. Returns (accuracy, records).
     ``generation``: more ``generate`` options (speculative decoding: a run config's
     ``generation.options()``)."""
-    from cca_jax.generate import generate, stop_ids
+    from cca_jax.generate import generate
 
     prompts = [encode(tokenizer, it.question, n_shots, chat_template) for it in items]
     records: list[dict | None] = [None] * len(items)
@@ -111,9 +130,8 @@ def evaluate(
             bar.update(len(indices))
             bar.set_postfix(acc=f"{n_correct / max(done, 1):.3f}")
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generate(model, prompts, max_new_tokens, stop=answers.stop_rule(tokenizer), batch_size=batch_size,
-             eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad, on_batch=on_batch, **(generation or {}))
+    generate(model, prompts, max_new_tokens, stop=answers.stop_rule(tokenizer), on_batch=on_batch,
+             **_generate_options(model, tokenizer, batch_size, generation))
     if bar is not None:
         bar.close()
     recs = [r for r in records if r is not None]
