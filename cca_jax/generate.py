@@ -194,6 +194,10 @@ def _launch(plan: _Plan, config: GenerationConfig, state, stopped: np.ndarray, s
         done = done | jnp.asarray(stopped)
     out = decode_chunk(plan.cfg, plan.params, cache, logits, done, key, plan.eos, config.pad_token_id, steps,
                        config.sampling, config.write_first)
+    s = config.sampling
+    timing.count(f"decode_chunk {logits.shape[0]}x{plan.size} "
+                 + ("greedy" if s.temperature == 0 else f"T={s.temperature:g} top_k={s.top_k} top_p={s.top_p}")
+                 + f" {steps} steps")
     return out, sent + steps
 
 

@@ -58,6 +58,9 @@ class Account:
     # seconds and XLA compiles, not part of ``compile`` (they are off the critical path)
     background: float = 0.0
     background_compiles: int = 0
+    # device programs run, by kind and shape (``count``): with each one's step cost from
+    # a benchmark, what the stage would cost if it ran at its steps' speed
+    work: dict = dataclasses.field(default_factory=dict)
 
     def add(self, other: "Account") -> None:
         """Sum ``other``'s seconds and counts into this one (the parts of a loop)."""
@@ -82,7 +85,8 @@ class Account:
                 "peak_bytes_per_device": self.peak_bytes, "memory": self.memory,
                 "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001},
                 "compile_phases": {k: round(v, 3) for k, v in self.phases.items()},
-                "compile_background": round(self.background, 3), "compiles_background": self.background_compiles}
+                "compile_background": round(self.background, 3), "compiles_background": self.background_compiles,
+                "work": dict(self.work)}
 
 
 TOP_PROGRAMS = 8  # the slowest programs to compile, per stage, in summary.json
@@ -197,6 +201,14 @@ def wait(x):
     if _live_sampling is not False:  # the CPU: what is alive now (GPU/TPU: the allocator's peak at the end)
         _sample_memory()
     return out
+
+
+def count(kind: str, n: int = 1) -> None:
+    """Record ``n`` runs of a device program of ``kind`` (e.g. "decode_chunk 64x1408
+    greedy") in every open account."""
+    with _lock:
+        for a in _open:
+            a.work[kind] = a.work.get(kind, 0) + n
 
 
 def fetch(x):

@@ -256,3 +256,10 @@ def test_summary_splits_each_stage_and_a_warm_cache_compiles_nothing(tmp_path):
     assert cold["localize"]["programs"].get("decode_chunk", [0])[0] == 0, cold["localize"]["programs"]
     assert cold["amplify"]["programs"].get("grad_sum", [0])[0] == 0, cold["amplify"]["programs"]
     assert all(v["compiles_background"] == 0 for v in warm.values())
+    # the device programs each stage ran, by kind and shape: a stage's cost at its steps' speed
+    work = {k: v["work"] for k, v in cold.items()}
+    assert any(k.startswith("decode_chunk ") and k.endswith("greedy 32 steps") for k in work["base_eval"])
+    assert any(k.startswith("decode_chunk ") and " T=1 top_k=" in k for k in work["localize"])
+    assert sum(n for k, n in work["circuit"].items() if k.startswith("mask_step ")) > 0
+    assert sum(n for k, n in work["amplify"].items() if k.startswith("grad_sum ")) > 0
+    assert work == {k: v["work"] for k, v in warm.items()}  # the same work, warm or cold

@@ -160,6 +160,8 @@ def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n
                            mesh_lib.rows(b.weights, frozen), prefix)
         total = _accumulate(total, g, 1.0 / n)
         losses.append(loss)
+        timing.count(f"grad_sum {b.tokens.shape[0]}x{b.tokens.shape[1]}"
+                     + (f" after a shared {prefix.shape[1]}" if prefix is not None else ""))
     return float(sum(timing.fetch(losses))) / n, total
 
 
