@@ -23,20 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_perf import _median_time  # noqa: E402
 DEFAULT_FLAGS = ["", "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_autotune_level=0",
                  "--xla_llvm_disable_expensive_passes=true"]
-
-
-def _median(fn, reps=5):
-    import jax
-
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[reps // 2]
 
 
 def child(model_path: str) -> dict:
@@ -71,7 +61,7 @@ def child(model_path: str) -> dict:
     # as after a tiled shared prefix: a cache that is not empty, written from slot P on
     cache = init_cache(cfg, B, P + S, jnp.bfloat16).replace(index=jnp.asarray(P, jnp.int32), empty=False)
     pre = timed("prefill", prefill, cfg, params, toks, mask, cache)
-    out["prefill_run_s"] = round(_median(lambda: pre(params, toks, mask, cache)), 4)
+    out["prefill_run_s"] = round(_median_time(lambda: pre(params, toks, mask, cache), warm=1), 4)
 
     big = init_cache(cfg, B, 1536, jnp.bfloat16).replace(index=jnp.asarray(P + S, jnp.int32), empty=False)
     logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
@@ -86,7 +76,7 @@ def child(model_path: str) -> dict:
         holder["c"] = c
         return t
 
-    out["decode_chunk_run_s"] = round(_median(run_dec), 4)
+    out["decode_chunk_run_s"] = round(_median_time(run_dec, warm=1), 4)
 
     mask_c = {k: rng.random(s) < 0.07 for k, s in components.shapes(cfg).items()}
     opt = amp.make_optimizer(amp.AmplifyConfig(), mask_c, params)
@@ -99,7 +89,7 @@ def child(model_path: str) -> dict:
     w = jnp.ones((Ba,), jnp.float32)
     prefix = jnp.asarray(rng.integers(100, 5000, (1, P)), jnp.int32)
     g = timed("amplify_grad", amp.grad_sum, train, frozen, cfg, at, am, d, u, False, False, w, prefix)
-    out["amplify_grad_run_s"] = round(_median(lambda: g(train, frozen, at, am, d, u, w, prefix)), 4)
+    out["amplify_grad_run_s"] = round(_median_time(lambda: g(train, frozen, at, am, d, u, w, prefix), warm=1), 4)
     out["compile_total_s"] = round(sum(v for k, v in out.items() if k.endswith("_compile_s")), 2)
     return out
 

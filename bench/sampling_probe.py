@@ -12,24 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_perf import _median_time  # noqa: E402
 
 
 def _ms(fn, reps=20):
-    import jax
-
-    for _ in range(3):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return round(sorted(ts)[reps // 2] * 1e3, 3)
+    return round(_median_time(fn, warm=3, reps=reps) * 1e3, 3)
 
 
 def _window_draw(key, x, k, window):

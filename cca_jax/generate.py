@@ -339,11 +339,8 @@ def warm(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options
 
     The call finds the programs ready: JAX keeps what ``lower(...).compile()`` built for
     the jitted function's later calls, and the persistent compilation cache holds them too
-    where it is on. Their compile time is reported as ``compile_background`` in a run's
-    timings, off its critical path. Not on a device mesh or with speculative decoding
-    (their layouts are not worked out here)."""
-    import threading
-
+    where it is on (``timing.compile_ahead``). Not on a device mesh or with speculative
+    decoding (their layouts are not worked out here)."""
     config = GenerationConfig.of(max_new_tokens, **options)
     stacked = model.params()
     if not prompts or config.speculative != "off" or mesh_lib.mesh_of(stacked) is not None:
@@ -352,15 +349,8 @@ def warm(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options
     sig = _signature(model, prompts, config)
     if sig in _WARMING:
         return _WARMING[sig]
-    specs = _warm_specs(model, prompts, config)
-    # JAX keys programs on the caller's thread-local matmul precision (precision.for_dtype):
-    # the thread traces under the same one
-    thread = threading.Thread(target=timing.in_background,
-                              args=(_compile_all, specs, jax.config.jax_default_matmul_precision), daemon=True,
-                              name="cca_jax-warm")
-    _WARMING[sig] = thread
-    thread.start()
-    return thread
+    _WARMING[sig] = timing.compile_ahead(_warm_specs(model, prompts, config))
+    return _WARMING[sig]
 
 
 # the calls being warmed, by their programs' signature: a call waits for its own (the rest
@@ -409,10 +399,3 @@ def _warm_specs(model, prompts, config: GenerationConfig) -> list:
                    key, eos, sds((), jnp.int32, weak_type=True), config.chunk, config.sampling, config.write_first)
     return [(prefill, prefill_args), (decode_chunk, decode_args)]
 
-
-def _compile_all(specs, matmul_precision) -> None:
-    import contextlib
-
-    with jax.default_matmul_precision(matmul_precision) if matmul_precision else contextlib.nullcontext():
-        for fn, args in specs:
-            fn.lower(*args).compile()

@@ -306,7 +306,7 @@ def _warm_localize(r: _Run, train_records) -> None:
     selected, _ = _selection(r, {"train": train_records})
     if selected:
         greedy, _, gen_kw, pc = _pivot_inputs(r, {"train": train_records}, selected)
-        pivots.warm(r.model_for("generate"), greedy, pc, {k: v for k, v in gen_kw.items() if k != "stop"})
+        pivots.warm(r.model_for("generate"), greedy, pc, gen_kw)
 
 
 def _select_templates(r: _Run, base) -> list[int]:

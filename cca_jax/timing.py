@@ -71,6 +71,9 @@ class Account:
         self.device += other.device
         self.background += other.background
         self.background_compiles += other.background_compiles
+        for mine, theirs in ((self.phases, other.phases), (self.work, other.work)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
 
     def split(self) -> dict:
         """Seconds compiling, waiting for the device, and the host's own (the rest)."""
@@ -96,17 +99,29 @@ _open: list[Account] = []  # accounts being filled (nested stages: every enclosi
 _lock = threading.Lock()
 _listening = False
 _hit = threading.local()  # a cache hit reported inside the backend compile that follows it
-_background = threading.local()  # set on threads that compile ahead (in_background)
+_background = threading.local()  # set on threads that compile ahead (compile_ahead)
 
 
-def in_background(fn, *args) -> None:
-    """Run ``fn(*args)`` as this thread's work of compiling ahead: its compile events count
-    as ``compile_background``. A failure is dropped: the call it prepared for compiles on
-    its own (what it would have done anyway)."""
+def compile_ahead(specs) -> threading.Thread:
+    """Compile ``specs`` ((jitted function, arguments: arrays or ShapeDtypeStructs), ...)
+    on a started background thread, while the caller's device works: a later call with
+    the same avals finds each program ready. The thread traces under the caller's matmul
+    precision (thread-local, ``precision.for_dtype``; JAX keys programs on it). Its compile
+    events count as ``compile_background``; a failure is dropped (the call it prepared for
+    then compiles on its own, what it would have done anyway)."""
+    thread = threading.Thread(target=_compile_specs, args=(specs, jax.config.jax_default_matmul_precision),
+                              daemon=True, name="cca_jax-compile-ahead")
+    thread.start()
+    return thread
+
+
+def _compile_specs(specs, matmul_precision) -> None:
     _listen()
     _background.on = True
     try:
-        fn(*args)
+        with jax.default_matmul_precision(matmul_precision) if matmul_precision else contextlib.nullcontext():
+            for fn, args in specs:
+                fn.lower(*args).compile()
     except Exception:  # noqa: BLE001 (ahead-of-time work only: never the run's failure)
         pass
 

@@ -195,8 +195,6 @@ def warm(model, examples: Sequence, config: AmplifyConfig, pad_token_id: int = 0
     on ``examples`` (its leaves chosen by ``config.targets``, as any circuit with rows in
     each target chooses them), while the device works on something else (DCM): the
     started thread, or None (no examples; a device mesh)."""
-    import threading
-
     from cca_jax.cca.examples import batches as make_batches
 
     params = model.params()
@@ -214,17 +212,7 @@ def warm(model, examples: Sequence, config: AmplifyConfig, pad_token_id: int = 0
             sds(b.tokens.shape, jnp.int32), sds(b.mask.shape, jnp.bool_), sds(b.desired.shape, jnp.int32),
             sds(b.undesired.shape, jnp.int32), config.remat, config.unroll, sds(b.weights.shape, jnp.float32),
             None if prefix is None else sds(prefix.shape, jnp.int32))
-    precision_now = jax.config.jax_default_matmul_precision  # the caller's (thread-local) setting
-
-    def compile_grad():
-        import contextlib
-
-        with jax.default_matmul_precision(precision_now) if precision_now else contextlib.nullcontext():
-            grad_sum.lower(*args).compile()
-
-    thread = threading.Thread(target=timing.in_background, args=(compile_grad,), daemon=True, name="cca_jax-warm")
-    thread.start()
-    return thread
+    return timing.compile_ahead([(grad_sum, args)])
 
 
 def working_params(master, frozen, dtype):
