@@ -61,7 +61,8 @@ qwen10() {
   local dir=${Q10_DIR:-/tmp/q10}
   rm -rf "$dir"
   local t0=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu CCA_JAX_COMPILE_CACHE=${Q10_CACHE:-$dir.cache} timeout "${Q10_LIMIT:-3000}" \
+  CUDA_VISIBLE_DEVICES=$gpu CCA_JAX_COMPILE_CACHE=${Q10_CACHE:-$dir.cache} CCA_JAX_GGUF_CACHE=${Q10_GGUF:-$dir.gguf} \
+    timeout "${Q10_LIMIT:-3000}" \
     python3 -m cca_jax.cli run \
     configs/qwen2.5-coder-0.5b.yaml --out "$dir" --set model=$GGUF --set data.templates=.devdata/templates \
     --quiet "$@" 2>&1 | tail -n 12
@@ -272,6 +273,19 @@ t11a() {
   Q10_DIR=/tmp/q11c Q10_LIMIT=${B1:-320} bash "$0" qwen10 0
   Q10_DIR=/tmp/q11w Q10_CACHE=/tmp/q11c.cache Q10_LIMIT=${B2:-230} bash "$0" qwen10 0
 }
+# twelfth session: GGUF load (first, cached, host path), the cold run (nothing cached);
+# then the warm run with every program timed alone, a warm normal run, and the ratios
+t12a() {
+  python3 bench/load_probe.py "$GGUF"
+  Q10_DIR=/tmp/q13c Q10_LIMIT=${B1:-300} bash "$0" qwen10 0
+}
+t12b() {
+  Q10_DIR=/tmp/q13p Q10_CACHE=/tmp/q13c.cache Q10_GGUF=/tmp/q13c.gguf Q10_LIMIT=${B2:-300} CCA_JAX_STEP_PROBE=1 \
+    bash "$0" qwen10 0
+  Q10_DIR=/tmp/q13w Q10_CACHE=/tmp/q13c.cache Q10_GGUF=/tmp/q13c.gguf Q10_LIMIT=${B3:-220} bash "$0" qwen10 0
+  python3 bench/stage_cost.py /tmp/q13w /tmp/q13p | tee "$OUT/stage_cost_warm.txt"
+  python3 bench/stage_cost.py /tmp/q13c /tmp/q13p | tee "$OUT/stage_cost_cold.txt"
+}
 case "${1:-}" in
   prep) prep ;;
   sbs) sbs ;;
@@ -292,6 +306,8 @@ case "${1:-}" in
   imports) imports ;;
   t11a) t11a ;;
   t11b) t11b ;;
+  t12a) t12a ;;
+  t12b) t12b ;;
   imports_detail) imports_detail ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

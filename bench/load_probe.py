@@ -1,72 +1,64 @@
-"""Where a GGUF load's seconds go, and which way of assembling is faster on this host.
+"""Where a GGUF load's seconds go: first load, cached loads, the host path, the file read.
 
     python bench/load_probe.py MODEL.gguf [--dtype bfloat16]
 
-Times, each in this process: parsing the header (gguf's reader) and the config; building
-the tokenizer alone; dequantizing every tensor alone (``iter_tensors``); then whole
-``load_model`` calls with the tensors assembled on the calling thread (``assemble``) or
-on worker threads (tried in the tenth session: no faster on a 32-core H200 host), and one
-with the tokenizer built on a thread beside the weights (also tried: slower, the GIL).
-Prints one JSON line per measurement.
+Each measurement runs in a fresh Python process (imports are part of a load), with a
+new, empty GGUF load cache (``CCA_JAX_GGUF_CACHE``) for the probe:
+
+- ``read``: the file's bytes read into memory (the floor a load cannot beat);
+- ``first``: ``load_model`` with nothing cached: the header parsed, transformers' config
+  and tokenizer converter, tensors expanded on the device, the cache written;
+- ``cached`` (twice): the same call, served by the cache;
+- ``host``: the path before the device dequantizers (gguf's reader, numpy dequantizing,
+  host assembly, transformers' converter), for comparison.
+
+Each prints one JSON line: seconds for imports (``import cca_jax`` and the backend up),
+the load, and whether torch was imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def _threaded_assemble(cfg, tensors, dtype, source, put=None):
-    """Each tensor transposed and cast into its slot on worker threads (the variant tried)."""
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
-
-    import jax
+_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import jax
+import cca_jax
+jax.block_until_ready(jax.numpy.zeros(1))
+t1 = time.perf_counter()
+path, dtype, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "read":
     import numpy as np
-
-    from cca_jax.weights import assemble as a
-
-    put = put or (lambda path, x: jax.device_put(x))
-    ndt = a._np_dtype(dtype)
-    table, buffers, filled, need, seen, out = a._table(cfg), {}, {}, {}, set(), {}
-    for e in table.values():
-        need[e.path] = need.get(e.path, 0) + 1
-    workers, inflight = min(8, os.cpu_count() or 1), collections.deque()
-
-    def settle():
-        e, job = inflight.popleft()
-        job.result()
-        filled[e.path] = filled.get(e.path, 0) + 1
-        if filled[e.path] == need[e.path]:
-            node = out
-            for p in e.path[:-1]:
-                node = node.setdefault(p, {})
-            node[e.path[-1]] = put(e.path, buffers.pop(e.path))
-
-    with ThreadPoolExecutor(workers) as pool:
-        for raw_name, x in tensors:
-            e = a._entry(table, cfg, raw_name, source)
-            if e is None:
-                continue
-            a._check_new(e, raw_name, x.shape, seen, source)
-            if e.path not in buffers:
-                buffers[e.path] = np.empty(((cfg.num_layers,) if e.layer is not None else ()) + e.shape, ndt)
-            dst = buffers[e.path] if e.layer is None else buffers[e.path][e.layer]
-            view = np.asarray(x)
-            view = (view.T if e.transform in ("proj", "out_proj", "transpose") else view).reshape(e.shape)
-            inflight.append((e, pool.submit(np.copyto, dst, view, "unsafe")))
-            while len(inflight) > 2 * workers:
-                settle()
-        while inflight:
-            settle()
-    return out
+    n = int(np.fromfile(path, dtype=np.uint8).size)
+    out = {"bytes": n}
+elif mode == "host":
+    from pathlib import Path
+    from cca_jax import config as config_lib
+    from cca_jax.weights import assemble, gguf
+    p = Path(path)
+    reader = gguf.reader(p)
+    hf, arch = gguf.hf_config(reader, p)
+    cfg = config_lib.from_hf(hf)
+    params = assemble.assemble(cfg, gguf.iter_tensors(reader, cfg, arch, p), config_lib.parse_dtype(dtype), path)
+    jax.block_until_ready(params)
+    gguf.load_tokenizer(p, reader)
+    out = {}
+else:
+    model, tok = cca_jax.load_model(path, dtype)
+    jax.block_until_ready(model.params())
+    out = {"tokenizer": type(tok).__name__}
+t2 = time.perf_counter()
+print(json.dumps({"mode": mode, "imports": round(t1 - t0, 2), "load": round(t2 - t1, 2),
+                  "torch_imported": "torch" in sys.modules, **out}), flush=True)
+"""
 
 
 def main():
@@ -74,44 +66,18 @@ def main():
     ap.add_argument("gguf")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
-    import jax
-
-    import cca_jax
-    from cca_jax import config as config_lib
-    from cca_jax.weights import assemble, gguf
-
-    path = Path(args.gguf)
-    out = {"cpus": os.cpu_count(), "backend": jax.default_backend()}
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        r = fn()
-        out[name] = round(time.perf_counter() - t, 2)
-        print(json.dumps({name: out[name]}), flush=True)
-        return r
-
-    jax.block_until_ready(jax.numpy.zeros(1))  # the backend up before anything is timed
-    reader = timed("reader", lambda: gguf.reader(path))
-    hf, arch = timed("hf_config", lambda: gguf.hf_config(reader, path))
-    cfg = config_lib.from_hf(hf)
-    timed("tokenizer_alone", lambda: gguf.load_tokenizer(path, reader))
-    timed("dequantize_alone", lambda: sum(1 for _ in gguf.iter_tensors(reader, cfg, arch, path)))
-    serial = assemble.assemble
-    for asm_name, asm in (("threads", _threaded_assemble), ("serial", serial), ("threads_again", _threaded_assemble)):
-        assemble.assemble = asm
-        try:
-            timed(f"load_{asm_name}", lambda: jax.block_until_ready(cca_jax.load_model(path, args.dtype)[0].params()))
-        finally:
-            assemble.assemble = serial
-    # the tokenizer built on a thread beside the weights (tried this session: GIL contention)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        def beside():
-            job = pool.submit(gguf.load_tokenizer, path, reader)
-            params = cca_jax.load_model(path, args.dtype, with_tokenizer=False)[0].params()
-            jax.block_until_ready(params)
-            return job.result()
-        timed("load_threads_tokenizer_beside", beside)
-    print(json.dumps(out))
+    repo = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="cca_jax_load_probe_") as cache:
+        env = {**os.environ, "CCA_JAX_GGUF_CACHE": cache,
+               "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for mode in ("read", "first", "cached", "cached", "host"):
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", _CHILD, args.gguf, args.dtype, mode], env=env,
+                               capture_output=True, text=True)
+            line = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None
+            rec = json.loads(line) if line else {"mode": mode, "error": r.stderr.strip()[-400:]}
+            rec["process"] = round(time.perf_counter() - t, 2)
+            print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":

@@ -192,12 +192,12 @@ def _launch(plan: _Plan, config: GenerationConfig, state, stopped: np.ndarray, s
     steps = config.chunk
     if stopped.any():  # rows the stop rule ended
         done = done | jnp.asarray(stopped)
-    out = decode_chunk(plan.cfg, plan.params, cache, logits, done, key, plan.eos, config.pad_token_id, steps,
-                       config.sampling, config.write_first)
     s = config.sampling
-    timing.count(f"decode_chunk {logits.shape[0]}x{plan.size} "
-                 + ("greedy" if s.temperature == 0 else f"T={s.temperature:g} top_k={s.top_k} top_p={s.top_p}")
-                 + f" {steps} steps")
+    kind = (f"decode_chunk {logits.shape[0]}x{plan.size} "
+            + ("greedy" if s.temperature == 0 else f"T={s.temperature:g} top_k={s.top_k} top_p={s.top_p}")
+            + f" {steps} steps")
+    out = timing.step(kind, decode_chunk, plan.cfg, plan.params, cache, logits, done, key, plan.eos,
+                      config.pad_token_id, steps, config.sampling, config.write_first)
     return out, sent + steps
 
 
@@ -245,8 +245,9 @@ def _generate_batch(plan: _Plan, config: GenerationConfig, prompts, pad_rows: bo
     prompt_slots = plan.shared + plan.suffix_len
     cache = (tile_cache(plan.prefix, len(rows), cs, prompt_slots) if plan.shared
              else init_cache(plan.cfg, len(rows), prompt_slots, plan.dtype, cs))
-    logits, cache = prefill(plan.cfg, plan.stacked, mesh_lib.rows(toks, plan.stacked),
-                            mesh_lib.rows(mask, plan.stacked), cache)
+    kind = f"prefill {len(rows)}x{plan.suffix_len}" + (f" after a shared {plan.shared}" if plan.shared else "")
+    logits, cache = timing.step(kind, prefill, plan.cfg, plan.stacked, mesh_lib.rows(toks, plan.stacked),
+                                mesh_lib.rows(mask, plan.stacked), cache)
     cache = grow_cache(cache, plan.size, cs)
     if config.speculative != "off":
         from cca_jax import speculative

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from cca_jax.errors import CCAError
 from cca_jax.model.transformer import Transformer
 from cca_jax.weights import assemble as assemble_lib
 from cca_jax.weights import gguf as gguf_lib
+from cca_jax.weights import gguf_assemble, gguf_cache
 from cca_jax.weights import hf as hf_lib
 from cca_jax.weights import sharding as sharding_lib
 
@@ -61,6 +63,15 @@ def _resolve_dtype(dtype, stored: str):
     return config_lib.parse_dtype(stored if _is_auto(dtype) else dtype)
 
 
+def gguf_facts(path: Path) -> tuple[ModelConfig, str]:
+    """A GGUF file's config and stored dtype: from the load cache, else from its header."""
+    cached = gguf_cache.read(path)
+    if cached is not None:
+        return cached["config"], cached["stored_dtype"]
+    reader = gguf_lib.reader(path)
+    return config_lib.from_hf(gguf_lib.hf_config(reader, path)[0]), _gguf_dtype(reader)
+
+
 def stored_dtype(path: Path) -> str:
     """The dtype "auto" loads the local model source ``path`` in, from headers alone: a
     model YAML float32, a GGUF file its most common float type, a Hugging Face directory
@@ -68,7 +79,7 @@ def stored_dtype(path: Path) -> str:
     if path.suffix in (".yaml", ".yml"):
         return "float32"
     if path.suffix == ".gguf":
-        return _gguf_dtype(gguf_lib.reader(path))
+        return gguf_facts(path)[1]
     return hf_lib.stored_dtype(hf_lib.weight_files(path))
 
 
@@ -94,6 +105,47 @@ def _random_sharded(cfg, seed: int, dtype, mesh):
     abstract = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
     out = sharding_lib.param_shardings(abstract, mesh)
     return jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=out)(key)
+
+
+def _load_gguf(path: Path, dtype, put, with_tokenizer: bool):
+    """Config, parameters and tokenizer of a GGUF file: from the load cache when this file
+    was loaded before (``gguf_cache``), else parsed (and cached); tensors expanded on the
+    device from the memory-mapped file (``gguf_assemble``)."""
+    cached = gguf_cache.read(path)
+    reader = None
+    if cached is not None:
+        cfg, records, stored = cached["config"], cached["records"], cached["stored_dtype"]
+    else:
+        reader = gguf_lib.reader(path)
+        hf_cfg, arch = gguf_lib.hf_config(reader, path)
+        cfg = config_lib.from_hf(hf_cfg)
+        assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
+        records, stored = gguf_lib.records(reader, cfg, arch, path), _gguf_dtype(reader)
+    dt = _resolve_dtype(dtype, stored if _is_auto(dtype) else "float32")
+    if records is None:  # a big-endian file: the host reader's path
+        params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
+        return cfg, params, (gguf_lib.load_tokenizer(path, reader) if with_tokenizer else None)
+    assemble_lib.check(cfg, ((r["name"], tuple(r["shape"])) for r in records), str(path))
+    tok_job = None
+    if cached is not None and with_tokenizer and cached["tokenizer"]:
+        # read beside the weights: their host side is mostly copies and XLA, off the GIL
+        pool = concurrent.futures.ThreadPoolExecutor(1, "cca_jax-tokenizer")
+        tok_job = pool.submit(gguf_cache.tokenizer, cached["tokenizer"])
+        pool.shutdown(wait=False)
+    params = gguf_assemble.assemble(cfg, records, path, dt, str(path), put)
+    if cached is not None:
+        tok = None
+        if tok_job is not None:
+            try:
+                tok = tok_job.result()
+            except Exception:  # a damaged cache entry: convert from the file as a first load does
+                tok = gguf_lib.load_tokenizer(path, gguf_lib.reader(path))
+    elif with_tokenizer:
+        tok = gguf_lib.load_tokenizer(path, reader)
+        gguf_cache.write(path, cfg, arch, records, stored, tok)
+    else:
+        tok = None
+    return cfg, params, tok
 
 
 def load_model(
@@ -140,13 +192,7 @@ def load_model(
     if path.is_file():
         if path.suffix != ".gguf":
             raise CCAError(f"{path}: not a model: pass a Hugging Face directory, a hub id or a .gguf file")
-        reader = gguf_lib.reader(path)
-        hf_cfg, arch = gguf_lib.hf_config(reader, path)
-        cfg = config_lib.from_hf(hf_cfg)
-        assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
-        dt = _resolve_dtype(dtype, _gguf_dtype(reader) if _is_auto(dtype) else "float32")
-        params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
-        tok = gguf_lib.load_tokenizer(path, reader) if with_tokenizer else None
+        cfg, params, tok = _load_gguf(path, dtype, put, with_tokenizer)
     else:
         cfg, _ = hf_lib.read_config(path)
         files = hf_lib.weight_files(path)

@@ -447,7 +447,6 @@ def model_config(source: str) -> ModelConfig:
     config.json, GGUF metadata, offline model names)."""
     from pathlib import Path
 
-    from cca_jax import config as config_lib
     from cca_jax.load import local_path
     from cca_jax.models import source as model_source
 
@@ -458,9 +457,9 @@ def model_config(source: str) -> ModelConfig:
 
         return model_yaml.read(p)[0]
     if p.is_file() and p.suffix == ".gguf":
-        from cca_jax.weights import gguf
+        from cca_jax.load import gguf_facts
 
-        return config_lib.from_hf(gguf.hf_config(gguf.reader(p), p)[0])
+        return gguf_facts(p)[0]
     from cca_jax.weights import hf
 
     if p.is_dir():

@@ -61,6 +61,8 @@ class Account:
     # device programs run, by kind and shape (``count``): with each one's step cost from
     # a benchmark, what the stage would cost if it ran at its steps' speed
     work: dict = dataclasses.field(default_factory=dict)
+    # with CCA_JAX_STEP_PROBE=1 (``step``): each program kind's seconds, one call at a time
+    steps: dict = dataclasses.field(default_factory=dict)
 
     def add(self, other: "Account") -> None:
         """Sum ``other``'s seconds and counts into this one (the parts of a loop)."""
@@ -74,6 +76,8 @@ class Account:
         for mine, theirs in ((self.phases, other.phases), (self.work, other.work)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
+        for k, v in other.steps.items():
+            self.steps.setdefault(k, []).extend(v)
 
     def split(self) -> dict:
         """Seconds compiling, waiting for the device, and the host's own (the rest)."""
@@ -89,7 +93,17 @@ class Account:
                 "programs": {k: [n, round(t, 3)] for k, (n, t) in top if t >= 0.001},
                 "compile_phases": {k: round(v, 3) for k, v in self.phases.items()},
                 "compile_background": round(self.background, 3), "compiles_background": self.background_compiles,
-                "work": dict(self.work)}
+                "work": dict(self.work), **({"step_probe": _probe_summary(self.steps)} if self.steps else {})}
+
+
+def _probe_summary(steps: dict) -> dict:
+    """kind -> [calls, median seconds a call, calls x median]: the median leaves out a
+    first call's program load."""
+    out = {}
+    for k, v in steps.items():
+        med = sorted(v)[len(v) // 2]
+        out[k] = [len(v), round(med, 6), round(med * len(v), 4)]
+    return out
 
 
 TOP_PROGRAMS = 8  # the slowest programs to compile, per stage, in summary.json
@@ -215,6 +229,32 @@ def wait(x):
             a.device += dt
     if _live_sampling is not False:  # the CPU: what is alive now (GPU/TPU: the allocator's peak at the end)
         _sample_memory()
+    return out
+
+
+# CCA_JAX_STEP_PROBE=1: every ``step`` runs alone (the device idle before it, waited for
+# after it) and is timed; the run is slower, its summary carries each program's cost
+# (``step_probe``) for bench/stage_cost.py to set against a normal run's stage times.
+PROBE_STEPS = os.environ.get("CCA_JAX_STEP_PROBE", "").strip() == "1"
+
+
+def step(kind: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a device program of ``kind`` (its shape in the name),
+    counted (``count``); timed alone when probing (``PROBE_STEPS``)."""
+    if not PROBE_STEPS:
+        out = fn(*args, **kwargs)
+        count(kind)
+        return out
+    jax.block_until_ready((args, kwargs))
+    inner = _open[-1] if _open else None
+    compiled = inner.compile if inner else 0.0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    dt = time.perf_counter() - t0 - ((inner.compile - compiled) if inner else 0.0)  # the run alone
+    with _lock:
+        for a in _open:
+            a.work[kind] = a.work.get(kind, 0) + 1
+            a.steps.setdefault(kind, []).append(dt)
     return out
 
 

@@ -6,6 +6,8 @@ import pytest
 # no persistent compilation cache in the test process (the pipeline's default on the CPU;
 # a test that needs one sets it in a subprocess)
 os.environ.setdefault("CCA_JAX_COMPILE_CACHE", "off")
+# nor a GGUF load cache in ~/.cache (tests/test_gguf_fast_load.py points one at tmp_path)
+os.environ.setdefault("CCA_JAX_GGUF_CACHE", "off")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py
 

@@ -310,3 +310,26 @@ def test_programs_compiled_ahead_are_found_by_the_call(tmp_path):
     context = list(rng.integers(3, 100, size=40))
     test = [context + list(rng.integers(3, 100, size=n)) for n in (3, 5, 8)]
     assert got["out"] == generate(model, test, 30, eos_token_id=[], chunk=4, batch_size=4)
+
+
+def test_step_probe_times_each_program_alone_and_changes_no_token(hf_dirs, monkeypatch):
+    """CCA_JAX_STEP_PROBE (timing.PROBE_STEPS): every prefill and decode chunk is counted
+    and timed on its own, and the tokens are the normal run's."""
+    from cca_jax import timing
+
+    _, d = hf_dirs["qwen2"]
+    model, _ = cca_jax.load_model(d)
+    prompts = tiny.prompt_batch(4, seed=3)
+    kw = {"eos_token_id": [], "chunk": 4, "share_prefix": False}
+    with timing.account() as plain:
+        want = generate(model, prompts, 12, **kw)
+    monkeypatch.setattr(timing, "PROBE_STEPS", True)
+    with timing.account() as probed:
+        got = generate(model, prompts, 12, **kw)
+    assert got == want
+    assert probed.work == plain.work and not plain.steps
+    assert {k.split()[0] for k in probed.work} == {"prefill", "decode_chunk"}
+    probe = probed.to_json()["step_probe"]
+    assert set(probe) == set(probed.work)
+    for kind, (calls, median, total) in probe.items():
+        assert calls == probed.work[kind] and median > 0 and total == pytest.approx(calls * median, abs=1e-3)

@@ -155,13 +155,13 @@ def full_batch_grad(cfg: ModelConfig, train, frozen, batches: Sequence[Batch], n
         prefix = mesh_lib.rows(prefix, frozen, whole=True)  # one row, on every device
     for b in batches:
         # on a mesh, rows over the data axis of the weights' layout (cca_jax.mesh)
-        loss, g = grad_sum(train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
-                                                  (b.tokens, b.mask, b.desired, b.undesired)), remat, unroll,
-                           mesh_lib.rows(b.weights, frozen), prefix)
+        kind = (f"grad_sum {b.tokens.shape[0]}x{b.tokens.shape[1]}"
+                + (f" after a shared {prefix.shape[1]}" if prefix is not None else ""))
+        loss, g = timing.step(kind, grad_sum, train, frozen, cfg, *(mesh_lib.rows(x, frozen) for x in
+                                                                    (b.tokens, b.mask, b.desired, b.undesired)),
+                              remat, unroll, mesh_lib.rows(b.weights, frozen), prefix)
         total = _accumulate(total, g, 1.0 / n)
         losses.append(loss)
-        timing.count(f"grad_sum {b.tokens.shape[0]}x{b.tokens.shape[1]}"
-                     + (f" after a shared {prefix.shape[1]}" if prefix is not None else ""))
     return float(sum(timing.fetch(losses))) / n, total
 
 

@@ -207,8 +207,8 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     reg = jnp.float32(config.reg)
 
     def step(m, state, cache, last, desired, undesired, weights):
-        timing.count(f"mask_step {desired.shape[0]}x{cache.size}")
-        return mask_step(cfg, opt, reg, config.mode, params, m, state, cache, last, desired, undesired, weights)
+        return timing.step(f"mask_step {desired.shape[0]}x{cache.size}", mask_step, cfg, opt, reg, config.mode,
+                           params, m, state, cache, last, desired, undesired, weights)
 
     total = components.total(cfg)
     patience = patience_for(n_b, config.early_stop)

@@ -167,11 +167,12 @@ def _dequantized(t, cfg: ModelConfig, arch: str) -> np.ndarray:
     import gguf
 
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-    if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-        heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+    fix = fixup(t.name, arch)
+    if fix in ("unpermute_q", "unpermute_k"):
+        heads = cfg.num_heads if fix == "unpermute_q" else cfg.num_kv_heads
         if w.shape[0] % (2 * heads) == 0:  # else a wrong shape, which assemble names
             w = _unpermute(w, heads)
-    if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
+    if fix == "minus_one":
         w = w - 1.0
     return w
 
@@ -235,3 +236,24 @@ def load_tokenizer(path: Path, parsed=None):
             return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception:  # tokenizers without a transformers converter: model still usable
         return None
+
+
+def fixup(name: str, arch: str) -> str | None:
+    """What llama.cpp's converter did to this GGUF tensor that the loader undoes:
+    "unpermute_q"/"unpermute_k" (llama's rotary row order), "minus_one" (Gemma's 1 + w norms)."""
+    if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        return "unpermute_q" if "attn_q" in name else "unpermute_k"
+    if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+        return "minus_one"
+    return None
+
+
+def records(reader, cfg: ModelConfig, arch: str, path: Path) -> list[dict] | None:
+    """Where every tensor's bytes are in the file: HF name, GGML format, HF-order shape,
+    byte offset and length, fix-up. None for a big-endian file (read by the host path)."""
+    if getattr(reader, "byte_order", "I") != "I":
+        return None
+    names = mapping.gguf_names(cfg, arch)
+    return [{"name": _hf_name(names, t, arch, path), "format": t.tensor_type.name,
+             "shape": [int(n) for n in reversed(t.shape)], "offset": int(t.data_offset),
+             "nbytes": int(t.n_bytes), "fixup": fixup(t.name, arch)} for t in reader.tensors]
