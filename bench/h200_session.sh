@@ -276,15 +276,17 @@ t11a() {
 # twelfth session: GGUF load (first, cached, host path), the cold run (nothing cached);
 # then the warm run with every program timed alone, a warm normal run, and the ratios
 t12a() {
+  local q=${Q:-q13}
   python3 bench/load_probe.py "$GGUF"
-  Q10_DIR=/tmp/q13c Q10_LIMIT=${B1:-300} bash "$0" qwen10 0
+  Q10_DIR=/tmp/${q}c Q10_LIMIT=${B1:-300} bash "$0" qwen10 0
 }
 t12b() {
-  Q10_DIR=/tmp/q13p Q10_CACHE=/tmp/q13c.cache Q10_GGUF=/tmp/q13c.gguf Q10_LIMIT=${B2:-300} CCA_JAX_STEP_PROBE=1 \
+  local q=${Q:-q13}
+  Q10_DIR=/tmp/${q}p Q10_CACHE=/tmp/${q}c.cache Q10_GGUF=/tmp/${q}c.gguf Q10_LIMIT=${B2:-300} CCA_JAX_STEP_PROBE=1 \
     bash "$0" qwen10 0
-  Q10_DIR=/tmp/q13w Q10_CACHE=/tmp/q13c.cache Q10_GGUF=/tmp/q13c.gguf Q10_LIMIT=${B3:-220} bash "$0" qwen10 0
-  python3 bench/stage_cost.py /tmp/q13w /tmp/q13p | tee "$OUT/stage_cost_warm.txt"
-  python3 bench/stage_cost.py /tmp/q13c /tmp/q13p | tee "$OUT/stage_cost_cold.txt"
+  Q10_DIR=/tmp/${q}w Q10_CACHE=/tmp/${q}c.cache Q10_GGUF=/tmp/${q}c.gguf Q10_LIMIT=${B3:-220} bash "$0" qwen10 0
+  python3 bench/stage_cost.py /tmp/${q}w /tmp/${q}p | tee "$OUT/stage_cost_warm.txt"
+  python3 bench/stage_cost.py /tmp/${q}c /tmp/${q}p | tee "$OUT/stage_cost_cold.txt"
 }
 case "${1:-}" in
   prep) prep ;;

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,41 @@ def _random_sharded(cfg, seed: int, dtype, mesh):
     return jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=out)(key)
 
 
+# tokenizers being read ahead (``prefetch_tokenizer``), by their cache folder
+_PREFETCHED: dict[str, concurrent.futures.Future] = {}
+
+
+def _read_tokenizer(folder: Path) -> concurrent.futures.Future:
+    """The cached tokenizer read on a thread (its host side is imports and JSON parsing;
+    the weights' is mostly copies and XLA, off the GIL)."""
+    job = _PREFETCHED.pop(str(folder), None)
+    if job is None:
+        job = concurrent.futures.Future()
+
+        def work():
+            try:
+                job.set_result(gguf_cache.tokenizer(folder))
+            except BaseException as err:  # noqa: BLE001 (handed to the caller of result())
+                job.set_exception(err)
+
+        # a daemon: a run that fails its checks meanwhile exits without waiting for it
+        threading.Thread(target=work, daemon=True, name="cca_jax-tokenizer").start()
+    return job
+
+
+def prefetch_tokenizer(source: str) -> None:
+    """Start reading a GGUF model's cached tokenizer now, for the ``load_model`` that
+    follows (a run calls it before its setup: transformers' imports are seconds on some
+    hosts). Nothing happens for other sources or a file not loaded before."""
+    try:
+        path = local_path(str(source))
+        cached = gguf_cache.read(path) if path.is_file() and path.suffix == ".gguf" else None
+    except OSError:
+        return
+    if cached is not None and cached["tokenizer"] is not None and str(cached["tokenizer"]) not in _PREFETCHED:
+        _PREFETCHED[str(cached["tokenizer"])] = _read_tokenizer(cached["tokenizer"])
+
+
 def _load_gguf(path: Path, dtype, put, with_tokenizer: bool):
     """Config, parameters and tokenizer of a GGUF file: from the load cache when this file
     was loaded before (``gguf_cache``), else parsed (and cached); tensors expanded on the
@@ -128,10 +164,7 @@ def _load_gguf(path: Path, dtype, put, with_tokenizer: bool):
     assemble_lib.check(cfg, ((r["name"], tuple(r["shape"])) for r in records), str(path))
     tok_job = None
     if cached is not None and with_tokenizer and cached["tokenizer"]:
-        # read beside the weights: their host side is mostly copies and XLA, off the GIL
-        pool = concurrent.futures.ThreadPoolExecutor(1, "cca_jax-tokenizer")
-        tok_job = pool.submit(gguf_cache.tokenizer, cached["tokenizer"])
-        pool.shutdown(wait=False)
+        tok_job = _read_tokenizer(cached["tokenizer"])  # beside the weights
     params = gguf_assemble.assemble(cfg, records, path, dt, str(path), put)
     if cached is not None:
         tok = None

@@ -126,6 +126,12 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, model=None, tokenizer=
     from cca_jax import preflight
 
     started = time.perf_counter()
+    if model is None and tokenizer is None and config.tokenizer != "char":
+        from cca_jax.load import prefetch_tokenizer
+        from cca_jax.models import names
+
+        if config.model not in names():  # (an offline name's file may still need joining)
+            prefetch_tokenizer(config.model)  # read while the setup below works
     with timing.account() as setup:
         # data, extras, output dir, model source, the mesh against the devices: before any work
         # (a model given already on a mesh brings its own: the config's mesh places nothing)

@@ -75,6 +75,20 @@ def test_train_mask_binary_clamped_and_stops(hf_dirs):
     assert res.stopped_early and res.history[-1]["kept"] < components.total(model.config)
     assert all(h["kept"] == components.total(model.config) for h in res.history[:-1])
     assert dcm.patience_for(26) == 5 and dcm.patience_for(4) == 0 and dcm.patience_for(26, "fixed") == 26
+    # steps are sent ahead of reading the previous one's count: the mask returned is the
+    # last recorded step's, not the one sent after it
+    assert kept == res.history[-1]["kept"]
+
+
+def test_early_stop_with_patience_returns_the_stopping_steps_mask(hf_dirs):
+    """6 batches an epoch (patience 1): the stop comes after a repeated count, mid-epoch or
+    at an epoch's end; the mask is the one of the step recorded last."""
+    _, d = hf_dirs["llama"]
+    model, _ = cca_jax.load_model(d)
+    res = dcm.train_mask(model, examples(12), dcm.DCMConfig(reg=0.05, batch_size=2, epochs=30, lr=0.05,
+                                                            early_stop="reference"), progress=False)
+    assert res.stopped_early and res.history[-1]["kept"] == res.history[-2]["kept"]
+    assert components.count(res.mask) == res.history[-1]["kept"] < components.total(model.config)
 
 
 def test_a_second_train_mask_with_the_same_settings_compiles_no_step(hf_dirs):

@@ -151,3 +151,21 @@ def test_cache_off_and_unwritable_cache_still_load(tmp_path, monkeypatch, capsys
     model, _ = cca_jax.load_model(path)
     assert model.config.num_layers == 1
     assert "GGUF load cache not written" in capsys.readouterr().err
+
+
+def test_a_prefetched_tokenizer_is_the_one_load_model_returns(tmp_path, monkeypatch):
+    """A run starts reading a cached GGUF's tokenizer before its setup (prefetch_tokenizer);
+    load_model then takes that one, and reads none itself."""
+    from cca_jax import load
+
+    src = tiny.smollm2_path()
+    monkeypatch.setenv("CCA_JAX_GGUF_CACHE", str(tmp_path / "cache"))
+    load.prefetch_tokenizer(str(src))  # nothing cached yet: nothing started
+    assert not load._PREFETCHED
+    cca_jax.load_model(src, with_tokenizer=True)
+    load.prefetch_tokenizer(str(src))
+    (job,) = load._PREFETCHED.values()
+    calls = []
+    monkeypatch.setattr(gguf_cache, "tokenizer", lambda folder: calls.append(folder))
+    _, tok = cca_jax.load_model(src)
+    assert tok is job.result() and tok is not None and not calls and not load._PREFETCHED

@@ -221,33 +221,54 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
     prev = total
     rng = np.random.default_rng(config.seed)
     same = 0
+
+    def placed(bs):  # each batch's step inputs on the devices once, not at every step
+        return [tuple(mesh_lib.rows(x, params, whole=whole) for x in (b.tokens[:, -1], b.desired, b.undesired, b.weights))
+                for b in bs]
+
+    def settle(epoch, loss, kept) -> bool:
+        """Record a step (its loss and kept count read back); True: the early stop ends here."""
+        nonlocal same, prev
+        loss, kept = timing.fetch((loss, kept))
+        kept = int(kept)
+        history.append({"epoch": epoch, "step": len(history), "loss": float(loss), "kept": kept})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", kept=kept)
+        same = same + 1 if kept == prev else 0
+        prev = kept
+        return kept < total and same >= patience
+
+    inputs = placed(bs)
     for epoch in range(config.epochs):
         if config.early_stop == "reference":
             same = 0
         if regroup and epoch > 0:
             bs = make_batches(examples, config.batch_size, config.seed + epoch, pad_token_id, pad_rows=True)
             caches = prefix_caches(cfg, model.params(), bs, caches_on_host, stacked)
+            inputs = placed(bs)
         order = list(range(n_b) if regroup else rng.permutation(n_b))
         ahead = mesh_lib.to_memory(caches[order[0]], "device") if caches_on_host else None
+        # each step is sent before the previous one's loss and kept count are read back, so
+        # the device never waits for the host; a step sent after the one the early stop
+        # ends on is dropped. The step donates the mask and state it is given: where the
+        # previous step could be the last (its count unchanged would reach the patience),
+        # a copy of its mask and state is kept first.
+        pending = None
         for i, bi in enumerate(order):
-            b = bs[bi]
             cache = ahead if caches_on_host else caches[bi]
             if caches_on_host and i + 1 < len(order):  # the next batch's cache copies in during this step
                 ahead = mesh_lib.to_memory(caches[order[i + 1]], "device")
-            m, state, loss, kept = step(m, state, cache, *(mesh_lib.rows(x, params, whole=whole) for x in
-                                                           (b.tokens[:, -1], b.desired, b.undesired, b.weights)))
+            kept_copy = jax.tree.map(jnp.copy, (m, state)) if pending is not None and same + 1 >= patience else None
+            sent = step(m, state, cache, *inputs[bi])
             del cache
-            loss, kept = timing.fetch((loss, kept))
-            kept = int(kept)
-            history.append({"epoch": epoch, "step": len(history), "loss": float(loss), "kept": kept})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", kept=kept)
-            same = same + 1 if kept == prev else 0
-            prev = kept
-            if kept < total and same >= patience:
+            if pending is not None and settle(epoch, *pending[2:]):
+                m, state = kept_copy
                 stopped = True
                 break
+            m, state, pending = sent[0], sent[1], sent
+        if not stopped and pending is not None and settle(epoch, *pending[2:]):
+            stopped = True
         if stopped:
             break
     if bar is not None:
