@@ -276,12 +276,12 @@ t11a() {
 # twelfth session: GGUF load (first, cached, host path), the cold run (nothing cached);
 # then the warm run with every program timed alone, a warm normal run, and the ratios
 t12a() {
-  local q=${Q:-q13}
+  local q=${T12:-q13}
   python3 bench/load_probe.py "$GGUF"
   Q10_DIR=/tmp/${q}c Q10_LIMIT=${B1:-300} bash "$0" qwen10 0
 }
 t12b() {
-  local q=${Q:-q13}
+  local q=${T12:-q13}
   Q10_DIR=/tmp/${q}p Q10_CACHE=/tmp/${q}c.cache Q10_GGUF=/tmp/${q}c.gguf Q10_LIMIT=${B2:-300} CCA_JAX_STEP_PROBE=1 \
     bash "$0" qwen10 0
   Q10_DIR=/tmp/${q}w Q10_CACHE=/tmp/${q}c.cache Q10_GGUF=/tmp/${q}c.gguf Q10_LIMIT=${B3:-220} bash "$0" qwen10 0

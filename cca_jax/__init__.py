@@ -16,7 +16,7 @@ from cca_jax.load import export_hf, load_model, restore_checkpoint, save_checkpo
 from cca_jax.model import ForwardOutput, Intervention, KVCache, Transformer, forward, init_cache, init_params
 from cca_jax.weights.sharding import make_mesh, shard_params
 
-__version__ = "0.1.0"
+from cca_jax.version import VERSION as __version__  # noqa: E402, F401 (the package version)
 
 __all__ = [
     "CCAError", "ForwardOutput", "Intervention", "KVCache", "ModelConfig", "Transformer",

@@ -201,6 +201,9 @@ def load_model(
     mesh: place each parameter sharded over this (fsdp, tp) mesh as it is read.
     attention: "xla", or "tokamax" for fused attention kernels in calls without a cache
         (``pip install 'cca_jax[kernels]'``; see ``config.ATTENTION``).
+    A GGUF file's quantized tensors are expanded on the device (``weights/gguf_assemble``);
+    its config, tensor index and tokenizer are cached for the next load of the same file
+    (``weights/gguf_cache``: ``CCA_JAX_GGUF_CACHE=off`` turns it off).
     Returns (model, tokenizer); tokenizer is None when the source has none.
     """
     if not _is_auto(dtype):

@@ -17,7 +17,7 @@ from cca_jax.model.transformer import Params
 from cca_jax.weights import mapping
 
 
-def _np_dtype(dtype) -> np.dtype:
+def np_dtype(dtype) -> np.dtype:
     return np.dtype(jax.numpy.dtype(dtype))
 
 
@@ -37,11 +37,11 @@ def hf_shape(e: mapping.Entry) -> tuple[int, ...]:
     return tuple(s)
 
 
-def _table(cfg: ModelConfig) -> dict[str, mapping.Entry]:
+def name_table(cfg: ModelConfig) -> dict[str, mapping.Entry]:
     return {e.hf_name: e for e in mapping.entries(cfg)}
 
 
-def _entry(table, cfg: ModelConfig, raw_name: str, source: str) -> mapping.Entry | None:
+def entry(table, cfg: ModelConfig, raw_name: str, source: str) -> mapping.Entry | None:
     """The table row of a checkpoint tensor; None for tensors the model does not use."""
     name = mapping.canonical_name(raw_name)
     if name in table:
@@ -77,9 +77,9 @@ def check(cfg: ModelConfig, shapes: Iterable[tuple[str, tuple[int, ...]]], sourc
     """Check a checkpoint's (name, shape) list against ``cfg`` before anything is read or
     allocated: every tensor known, none twice, each of its exact shape, none missing. A
     config that claims more than the files hold (1e4 layers) fails here, not in malloc."""
-    table, seen = _table(cfg), set()
+    table, seen = name_table(cfg), set()
     for raw_name, shape in shapes:
-        e = _entry(table, cfg, raw_name, source)
+        e = entry(table, cfg, raw_name, source)
         if e is not None:
             _check_new(e, raw_name, shape, seen, source)
     _check_complete(table, seen, source)
@@ -99,8 +99,8 @@ def assemble(
     are errors (call ``check`` first to find them before reading anything).
     """
     put = put or (lambda path, x: jax.device_put(x))
-    ndt = _np_dtype(dtype)
-    table = _table(cfg)
+    ndt = np_dtype(dtype)
+    table = name_table(cfg)
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     filled: dict[tuple[str, ...], int] = {}
     need: dict[tuple[str, ...], int] = {}
@@ -116,7 +116,7 @@ def assemble(
         node[path[-1]] = put(path, buffers.pop(path))
 
     for raw_name, x in tensors:
-        e = _entry(table, cfg, raw_name, source)
+        e = entry(table, cfg, raw_name, source)
         if e is None:
             continue
         _check_new(e, raw_name, x.shape, seen, source)

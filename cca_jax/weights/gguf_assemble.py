@@ -93,10 +93,10 @@ def assemble(cfg: ModelConfig, records: list[dict], path: Path, dtype, source: s
     more than its shards. Call ``assemble.check`` on the records' shapes first."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     size = data.shape[0]
-    table = assemble_lib._table(cfg)
+    table = assemble_lib.name_table(cfg)
     by_path: dict[tuple[str, ...], list[tuple[mapping.Entry, dict]]] = defaultdict(list)
     for rec in records:
-        e = assemble_lib._entry(table, cfg, rec["name"], source)
+        e = assemble_lib.entry(table, cfg, rec["name"], source)
         if e is None:
             continue
         if rec["offset"] < 0 or rec["offset"] + rec["nbytes"] > size:
@@ -107,7 +107,7 @@ def assemble(cfg: ModelConfig, records: list[dict], path: Path, dtype, source: s
     def raw(rec):
         return data[rec["offset"]:rec["offset"] + rec["nbytes"]]
 
-    ndt = assemble_lib._np_dtype(dtype)
+    ndt = assemble_lib.np_dtype(dtype)
     out: Params = {}
     for p, items in by_path.items():
         items.sort(key=lambda er: -1 if er[0].layer is None else er[0].layer)
@@ -122,7 +122,7 @@ def assemble(cfg: ModelConfig, records: list[dict], path: Path, dtype, source: s
             order = tuple(int(k) for k in np.argsort(concat))
             raws = tuple(tuple(jax.device_put(np.asarray(raw(recs[i]))) for i in grouped[g]) for g in groups)
             leaf = _build(raws, groups=groups, order=order, transform=e0.transform, shape=e0.shape,
-                       dtype=jnp.dtype(dtype), stacked=e0.layer is not None)
+                          dtype=jnp.dtype(dtype), stacked=e0.layer is not None)
         else:
             host = [mapping.to_ours(_host_tensor(r, raw(r), cfg), e).astype(ndt, copy=False) for e, r in items]
             x = np.stack(host) if e0.layer is not None else host[0]

@@ -43,7 +43,7 @@ def root() -> Path | None:
 
 
 def _identity(path: Path) -> dict:
-    import cca_jax
+    from cca_jax.version import VERSION
 
     st = path.stat()
     try:
@@ -51,7 +51,7 @@ def _identity(path: Path) -> dict:
     except metadata.PackageNotFoundError:
         tf = None
     return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "format": FORMAT, "cca_jax": cca_jax.__version__, "transformers": tf}
+            "format": FORMAT, "cca_jax": VERSION, "transformers": tf}
 
 
 def _head_digest(path: Path) -> str:
