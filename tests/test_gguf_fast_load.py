@@ -169,3 +169,23 @@ def test_a_prefetched_tokenizer_is_the_one_load_model_returns(tmp_path, monkeypa
     monkeypatch.setattr(gguf_cache, "tokenizer", lambda folder: calls.append(folder))
     _, tok = cca_jax.load_model(src)
     assert tok is job.result() and tok is not None and not calls and not load._PREFETCHED
+
+
+def test_a_cache_entry_written_meanwhile_by_another_process_is_no_failure(tmp_path, monkeypatch, capsys):
+    """Two processes loading one file at once: the rename that loses finds the winner's
+    entry, says nothing and leaves no scratch folder."""
+    path = tiny.write_gguf(tmp_path / "ok.gguf")
+    monkeypatch.setenv("CCA_JAX_GGUF_CACHE", str(tmp_path / "cache"))
+    model, _ = cca_jax.load_model(path, with_tokenizer=False)  # nothing written without a tokenizer
+    assert not (tmp_path / "cache").exists()
+
+    def lose(src, dst):
+        dst.mkdir(parents=True)
+        (dst / "model.json").write_text("{}")  # the other process's entry
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(gguf_cache.os, "rename", lose)
+    folder = gguf_cache.write(path, model.config, "llama", [], "float32", None)
+    assert folder is not None and (folder / "model.json").is_file()
+    assert "not written" not in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]

@@ -91,7 +91,7 @@ def write(path: Path, cfg: ModelConfig, arch: str, records: list[dict], stored_d
 
     if jax.process_index() != 0:
         return None
-    tmp = None
+    tmp = folder = None
     try:
         folder, ident = _folder(path)
         if folder is None or folder.exists():
@@ -107,6 +107,8 @@ def write(path: Path, cfg: ModelConfig, arch: str, records: list[dict], stored_d
         os.rename(tmp, folder)
         return folder
     except OSError as err:
+        if folder is not None and (folder / "model.json").is_file():
+            return folder  # another process wrote the same entry first
         print(f"cca_jax: note: GGUF load cache not written ({err}); later loads parse the file again",
               file=sys.stderr)
         return None
