@@ -155,13 +155,15 @@ def _load_gguf(path: Path, dtype, put, with_tokenizer: bool):
         reader = gguf_lib.reader(path)
         hf_cfg, arch = gguf_lib.hf_config(reader, path)
         cfg = config_lib.from_hf(hf_cfg)
-        assemble_lib.check(cfg, gguf_lib.tensor_shapes(reader, cfg, arch, path), str(path))
         records, stored = gguf_lib.records(reader, cfg, arch, path), _gguf_dtype(reader)
+    # every tensor known, once, of its shape, none missing: before anything is allocated
+    shapes = (gguf_lib.tensor_shapes(reader, cfg, arch, path) if records is None
+              else ((r["name"], tuple(r["shape"])) for r in records))
+    assemble_lib.check(cfg, shapes, str(path))
     dt = _resolve_dtype(dtype, stored if _is_auto(dtype) else "float32")
     if records is None:  # a big-endian file: the host reader's path
         params = assemble_lib.assemble(cfg, gguf_lib.iter_tensors(reader, cfg, arch, path), dt, str(path), put)
         return cfg, params, (gguf_lib.load_tokenizer(path, reader) if with_tokenizer else None)
-    assemble_lib.check(cfg, ((r["name"], tuple(r["shape"])) for r in records), str(path))
     tok_job = None
     if cached is not None and with_tokenizer and cached["tokenizer"]:
         tok_job = _read_tokenizer(cached["tokenizer"])  # beside the weights

@@ -20,18 +20,7 @@ _NORMS = {"llama": ["attn_norm", "ffn_norm"],
 def _write(path, arch, formats):
     """A 2-layer GGUF (hidden 32, 2 heads of 16, 1 kv head, ffn 64); ``formats`` maps a
     tensor-name suffix to a GGML format per layer (mixed formats in one parameter)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(2)
-    w.add_context_length(64)
-    w.add_embedding_length(32)
-    w.add_feed_forward_length(64)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_key_length(16)
-    w.add_value_length(16)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(64)
+    w = tiny.gguf_writer(path, arch, layers=2, hidden=32, ffn=64, vocab=64, head_dim=16)
     rng = np.random.default_rng(1)
     shapes = [("token_embd.weight", (64, 32)), ("output_norm.weight", (32,))]
     for i in range(2):

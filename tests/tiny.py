@@ -123,21 +123,30 @@ def prompt_batch(n=8, seed=0):
     return [list(rng.integers(3, VOCAB, size=int(rng.integers(2, 12)))) for _ in range(n)]
 
 
-def write_gguf(path, extra_tensor=None, arch: str = "llama", up_shape=(16, 8)):
-    """A 1-layer GGUF file (float32 tensors) of ``arch``; ``up_shape`` (16, 8) is the
-    layout the reader expects, ``extra_tensor`` a (name, shape) added to it."""
+def gguf_writer(path, arch: str, layers: int, hidden: int, ffn: int, vocab: int, head_dim: int | None = None):
+    """A GGUFWriter of ``arch`` with a model's metadata written (2 heads, 1 kv head)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
+    w.add_block_count(layers)
     w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
     w.add_head_count(2)
     w.add_head_count_kv(1)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(32)
+    w.add_vocab_size(vocab)
+    return w
+
+
+def write_gguf(path, extra_tensor=None, arch: str = "llama", up_shape=(16, 8)):
+    """A 1-layer GGUF file (float32 tensors) of ``arch``; ``up_shape`` (16, 8) is the
+    layout the reader expects, ``extra_tensor`` a (name, shape) added to it."""
+    w = gguf_writer(path, arch, layers=1, hidden=8, ffn=16, vocab=32)
     rng = np.random.default_rng(0)
     for name, shape in [("token_embd.weight", (32, 8)), ("output_norm.weight", (8,)),
                         ("blk.0.attn_norm.weight", (8,)), ("blk.0.ffn_norm.weight", (8,)),

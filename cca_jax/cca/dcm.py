@@ -262,12 +262,12 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             kept_copy = jax.tree.map(jnp.copy, (m, state)) if pending is not None and same + 1 >= patience else None
             sent = step(m, state, cache, *inputs[bi])
             del cache
-            if pending is not None and settle(epoch, *pending[2:]):
+            if pending is not None and settle(epoch, *pending):
                 m, state = kept_copy
                 stopped = True
                 break
-            m, state, pending = sent[0], sent[1], sent
-        if not stopped and pending is not None and settle(epoch, *pending[2:]):
+            m, state, *pending = sent  # pending: the sent step's loss and kept count
+        if not stopped and pending is not None and settle(epoch, *pending):
             stopped = True
         if stopped:
             break

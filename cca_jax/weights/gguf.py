@@ -138,12 +138,6 @@ def read_config(path: Path) -> tuple[ModelConfig, Any]:
     return config_lib.from_hf(hf_cfg), hf_cfg
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (its rotary layout -> rotate-half)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
 def _hf_name(names: dict[str, str], t, arch: str, path: Path) -> str:
     hf_name = names.get(t.name)
     if hf_name is None:
@@ -168,13 +162,7 @@ def _dequantized(t, cfg: ModelConfig, arch: str) -> np.ndarray:
 
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
     fix = fixup(t.name, arch)
-    if fix in ("unpermute_q", "unpermute_k"):
-        heads = cfg.num_heads if fix == "unpermute_q" else cfg.num_kv_heads
-        if w.shape[0] % (2 * heads) == 0:  # else a wrong shape, which assemble names
-            w = _unpermute(w, heads)
-    if fix == "minus_one":
-        w = w - 1.0
-    return w
+    return undo_fixup(w[None], fix, fixup_heads(cfg, fix))[0]
 
 
 def iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path,
@@ -246,6 +234,25 @@ def fixup(name: str, arch: str) -> str | None:
     if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
         return "minus_one"
     return None
+
+
+def fixup_heads(cfg: ModelConfig, fix: str | None) -> int:
+    """The head count a q/k un-permute splits rows by."""
+    return cfg.num_kv_heads if fix == "unpermute_k" else cfg.num_heads
+
+
+def undo_fixup(x, fix: str | None, heads: int):
+    """``x`` (n, *hf_shape), numpy or jax: undo ``fixup``'s change on each of n tensors.
+    The un-permute turns llama.cpp's rotary row order back into rotate-half."""
+    if fix == "minus_one":
+        return x - 1.0
+    if fix in ("unpermute_q", "unpermute_k"):
+        n, rows = x.shape[:2]
+        if rows % (2 * heads):
+            return x  # a wrong shape, which the checks name
+        dim = rows // heads // 2
+        return x.reshape(n, heads, dim, 2, *x.shape[2:]).swapaxes(2, 3).reshape(x.shape)
+    return x
 
 
 def records(reader, cfg: ModelConfig, arch: str, path: Path) -> list[dict] | None:

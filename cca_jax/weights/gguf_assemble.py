@@ -23,19 +23,7 @@ from cca_jax.errors import CCAError
 from cca_jax.model.transformer import Params
 from cca_jax.weights import assemble as assemble_lib
 from cca_jax.weights import dequant, mapping
-
-
-def _fix(x, fix: str | None, heads: int):
-    """``x`` (n, *hf_shape): undo the converter's change (see ``gguf.fixup``)."""
-    if fix == "minus_one":
-        return x - 1.0
-    if fix in ("unpermute_q", "unpermute_k"):
-        n, rows = x.shape[:2]
-        if rows % (2 * heads):
-            return x  # a wrong shape, which the checks name
-        dim = rows // heads // 2
-        return x.reshape(n, heads, dim, 2, *x.shape[2:]).swapaxes(2, 3).reshape(x.shape)
-    return x
+from cca_jax.weights import gguf as gguf_lib
 
 
 def _ours(x, transform: str, shape: tuple[int, ...]):
@@ -52,15 +40,11 @@ def _build(raws, *, groups, order, transform, shape, dtype, stacked):
     parts = []
     for rs, (fmt, hf_shape, fix, heads) in zip(raws, groups):
         x = dequant.dequantize(jnp.stack(rs), fmt, (len(rs),) + hf_shape)
-        parts.append(_ours(_fix(x, fix, heads), transform, shape).astype(dtype))
+        parts.append(_ours(gguf_lib.undo_fixup(x, fix, heads), transform, shape).astype(dtype))
     y = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     if order != tuple(range(len(order))):
         y = y[np.asarray(order)]
     return y if stacked else y[0]
-
-
-def _heads(cfg: ModelConfig, fix: str | None) -> int:
-    return cfg.num_kv_heads if fix == "unpermute_k" else cfg.num_heads
 
 
 def _host_tensor(rec: dict, raw: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -76,7 +60,7 @@ def _host_tensor(rec: dict, raw: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         qtype = gguf.GGMLQuantizationType[fmt]
         x = gguf.quants.dequantize(raw.reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1), qtype)
         x = np.asarray(x, np.float32).reshape(shape)
-    return np.asarray(_fix(x[None], rec["fixup"], _heads(cfg, rec["fixup"]))[0]) if rec["fixup"] else x
+    return gguf_lib.undo_fixup(x[None], rec["fixup"], gguf_lib.fixup_heads(cfg, rec["fixup"]))[0]
 
 
 def _on_device(recs: list[dict]) -> bool:
@@ -116,7 +100,7 @@ def assemble(cfg: ModelConfig, records: list[dict], path: Path, dtype, source: s
         if put is None and _on_device(recs):
             grouped: dict[tuple, list[int]] = defaultdict(list)
             for i, r in enumerate(recs):
-                grouped[(r["format"], tuple(r["shape"]), r["fixup"], _heads(cfg, r["fixup"]))].append(i)
+                grouped[(r["format"], tuple(r["shape"]), r["fixup"], gguf_lib.fixup_heads(cfg, r["fixup"]))].append(i)
             groups = tuple(grouped)
             concat = [i for g in groups for i in grouped[g]]
             order = tuple(int(k) for k in np.argsort(concat))
