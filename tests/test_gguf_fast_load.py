@@ -1,6 +1,8 @@
 """GGUF loads through the device dequantizers and the load cache: the same parameters,
 config and tokenizer as the host path (gguf's numpy dequantizer, transformers' converter)."""
 
+import json
+
 import gguf
 import jax
 import numpy as np
@@ -121,6 +123,18 @@ def test_second_load_comes_from_the_cache_and_equals_the_first(tmp_path, monkeyp
     chat = [{"role": "user", "content": "What is 2 + 3?"}]
     assert tok2.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         tok1.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    # an entry that does not fit the file (edited by hand) is not used: the file is parsed
+    meta_path = entry / "model.json"
+    good = meta_path.read_text()
+    bad = json.loads(good)
+    bad["records"][0]["offset"] = src.stat().st_size
+    meta_path.write_text(json.dumps(bad))
+    assert gguf_cache.read(src) is None
+    third, _ = cca_jax.load_model(src, with_tokenizer=False)
+    np.testing.assert_array_equal(np.asarray(third.params()["embed"], np.float32),
+                                  np.asarray(first.params()["embed"], np.float32))
+    meta_path.write_text(good)
 
     # a copy elsewhere is another file (path in the key); so is a touched one
     copy = tmp_path / "copy.gguf"

@@ -77,6 +77,9 @@ def read(path: Path) -> dict | None:
         meta = json.loads((folder / "model.json").read_text())
         if meta.get("identity") != ident or meta.get("head_sha256") != _head_digest(path):
             return None
+        size = ident["size"]
+        if not all(0 <= r["offset"] and r["offset"] + r["nbytes"] <= size for r in meta["records"]):
+            return None  # an entry that does not describe this file: parse the file itself
         tok = folder / "tokenizer" if meta.get("tokenizer") else None
         return {"config": ModelConfig.from_dict(meta["config"]), "arch": meta["arch"],
                 "records": meta["records"], "stored_dtype": meta["stored_dtype"], "tokenizer": tok}
