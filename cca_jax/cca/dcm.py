@@ -178,6 +178,12 @@ def cache_bytes(cfg: ModelConfig, examples: Sequence[LocalizationExample], batch
     return sum(b.tokens.size for b in make_batches(examples, batch_size, 0, 0, pad_rows=True)) * per_token
 
 
+@jax.jit
+def _copy(tree):
+    """A copy of the mask and optimizer state, one program (not one per leaf)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig, pad_token_id: int = 0,
                progress: bool = True, caches_on_host: bool = False) -> DCMResult:
     """Learn the DCM mask on ``examples``. Early stop (SPEC 3, reference): the kept count
@@ -259,7 +265,7 @@ def train_mask(model, examples: Sequence[LocalizationExample], config: DCMConfig
             cache = ahead if caches_on_host else caches[bi]
             if caches_on_host and i + 1 < len(order):  # the next batch's cache copies in during this step
                 ahead = mesh_lib.to_memory(caches[order[i + 1]], "device")
-            kept_copy = jax.tree.map(jnp.copy, (m, state)) if pending is not None and same + 1 >= patience else None
+            kept_copy = _copy((m, state)) if pending is not None and same + 1 >= patience else None
             sent = step(m, state, cache, *inputs[bi])
             del cache
             if pending is not None and settle(epoch, *pending):
